@@ -25,7 +25,7 @@ from lambda_runtime.errors import (
     ResourceNotFoundException,
     TooManyRequestsException,
 )
-from lambda_runtime.http_api import InvokeApiServer, parse_function_name
+from lambda_runtime.http_api import BODY_READ_LIMIT_BYTES, InvokeApiServer, parse_function_name
 from lambda_runtime.result import InvokeResult
 
 ACCOUNT = "123456789012"
@@ -48,6 +48,8 @@ class FakeBackend:
         self.configs = configs
         self.calls: list[dict[str, Any]] = []
         self.barrier: threading.Barrier | None = None
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
         self._lock = threading.Lock()
 
     def function_configs(self) -> list[FunctionConfig]:
@@ -110,6 +112,9 @@ class FakeBackend:
         if function_name == "slow" and self.barrier is not None:
             # Every caller waits here until all have arrived: proves the server runs them at once.
             self.barrier.wait(timeout=10)
+        if function_name == "slow" and self.gate is not None:
+            self.entered.set()
+            self.gate.wait(timeout=10)
         return InvokeResult(200, payload, f"req-{function_name}", executed_version="$LATEST")
 
 
@@ -479,3 +484,70 @@ def test_stop_closes_the_port_and_idle_connections_promptly(backend):
     assert idle.sock.recv(1) == b""  # the server hung up the kept-alive connection
     with pytest.raises(RuntimeError):
         _ = server.endpoint
+
+
+def test_stop_is_prompt_and_still_answers_an_invoke_in_flight(backend):
+    backend.gate = threading.Event()
+    server = InvokeApiServer(backend)
+    server.start()
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    conn = raw_connection(server)
+    answers: list[tuple[int, bytes, str | None]] = []
+
+    def call() -> None:
+        conn.request("POST", "/2015-03-31/functions/slow/invocations", body=b'{"n": 1}')
+        response = conn.getresponse()
+        answers.append((response.status, response.read(), response.getheader("Connection")))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert backend.entered.wait(5)
+    began = time.monotonic()
+    server.stop()
+    assert time.monotonic() - began < 2
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    backend.gate.set()
+    caller.join(5)
+    assert answers == [(200, b'{"n": 1}', "close")]
+
+
+def test_chunked_request_body_is_decoded(server, backend):
+    conn = raw_connection(server)
+    chunks = [b'{"parts": ', b'"a', b'b"}']
+    conn.request(
+        "POST", "/2015-03-31/functions/echo/invocations", body=iter(chunks), encode_chunked=True
+    )
+    response = conn.getresponse()
+    assert response.read() == b'{"parts": "ab"}'
+    assert backend.calls[-1]["payload"] == b'{"parts": "ab"}'
+
+
+def test_body_past_the_read_limit_is_drained_and_refused_with_413(server, backend):
+    conn = raw_connection(server)
+    body = b"z" * (BODY_READ_LIMIT_BYTES + 1)
+    conn.request("POST", "/2015-03-31/functions/echo/invocations", body=body)
+    response = conn.getresponse()
+    assert response.status == 413
+    assert response.getheader("x-amzn-ErrorType") == "RequestTooLargeException"
+    assert json.loads(response.read())["message"] == SYNC_LIMIT_MESSAGE
+    assert backend.calls == []
+
+
+def test_malformed_content_length_is_400_and_closes(server, backend):
+    host, port = server.endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /2015-03-31/functions/echo/invocations HTTP/1.1\r\n"
+            b"Host: x\r\nContent-Length: ten\r\n\r\n"
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"x-amzn-ErrorType: InvalidRequestContentException" in head
+    assert (
+        json.loads(body)["message"] == "Content-Length: must be a whole number of bytes, got 'ten'"
+    )
+    assert backend.calls == []
