@@ -804,7 +804,8 @@ class _Builder:
         resolve = self.resolver.resolve
 
         def get(name: str) -> Any:
-            return resolve(props[name]) if name in props else _MISSING
+            value = resolve(props[name]) if name in props else _MISSING
+            return _MISSING if value is NO_VALUE else value
 
         def need(prop: str, value: Any) -> Any:
             if isinstance(value, Unresolved):
