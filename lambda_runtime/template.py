@@ -678,12 +678,14 @@ def load_template(
     region: str = quotas.REGION_DEFAULT,
     account_id: str = quotas.ACCOUNT_ID_DEFAULT,
     cache_dir: Path | None = None,
+    destinations_dir: Path | None = None,
     stack_name: str = DEFAULT_STACK_NAME,
 ) -> list[FunctionConfig]:
     """The Lambda functions of a SAM / CloudFormation template, as validated FunctionConfigs.
 
     `efs_dirs` maps a LocalMountPath to the host directory that stands in for the file system;
-    inline code (ZipFile, InlineCode) and zipped CodeUri are unpacked under `cache_dir`.
+    inline code (ZipFile, InlineCode) and zipped CodeUri are unpacked under `cache_dir`; an
+    async OnFailure destination becomes the JSON-lines file `destinations_dir/<its name>.jsonl`.
     """
     path = Path(path)
     try:
@@ -701,6 +703,9 @@ def load_template(
         base_dir=path.resolve().parent,
         efs_dirs={str(k): Path(v) for k, v in efs_dirs.items()},
         cache_dir=cache_dir or Path(tempfile.gettempdir()) / "lambda-runtime-code",
+        destinations_dir=(
+            destinations_dir or Path(tempfile.gettempdir()) / "lambda-runtime-destinations"
+        ),
         function_globals=_function_globals(template),
     )
     return builder.build()
@@ -735,12 +740,14 @@ class _Builder:
         base_dir: Path,
         efs_dirs: Mapping[str, Path],
         cache_dir: Path,
+        destinations_dir: Path,
         function_globals: Mapping[str, Any],
     ) -> None:
         self.resolver = resolver
         self.base_dir = base_dir
         self.efs_dirs = efs_dirs
         self.cache_dir = cache_dir
+        self.destinations_dir = destinations_dir
         self.function_globals = function_globals
 
     def build(self) -> list[FunctionConfig]:
@@ -767,6 +774,9 @@ class _Builder:
                 log.debug("ignoring resource %s of type %s", logical_id, kind)
         for logical_id, props in invoke_configs:
             self._apply_invoke_config(logical_id, props, drafts)
+        for draft in drafts:
+            if "on_failure" in draft.kwargs:
+                draft.kwargs["on_failure"] = self._destination_file(draft.kwargs["on_failure"])
         configs: list[FunctionConfig] = []
         owners: dict[str, str] = {}
         for draft in drafts:
@@ -980,6 +990,14 @@ class _Builder:
                 )
             mounts[mount] = host
         return mounts
+
+    def _destination_file(self, destination: object) -> Path:
+        # Locally every destination (queue, topic, bus, function) is a file of failure records,
+        # named after the destination so functions sharing one queue share one file.
+        name = re.split(r"[:/]", str(destination))[-1] or "destination"
+        path = self.destinations_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.jsonl"
+        log.info("async failures for %s are written to %s", destination, path)
+        return path
 
     def _apply_invoke_config(
         self, logical_id: str, props: Mapping[str, Any], drafts: list[_Draft]

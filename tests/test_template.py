@@ -131,7 +131,9 @@ def project(tmp_path: Path) -> Path:
 
 def _load(path: Path, tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
     kwargs.setdefault("efs_dirs", {"/mnt/efs": tmp_path / "efs"})
-    configs = load_template(path, cache_dir=tmp_path / "cache", **kwargs)
+    configs = load_template(
+        path, cache_dir=tmp_path / "cache", destinations_dir=tmp_path / "dest", **kwargs
+    )
     return {config.name: config for config in configs}
 
 
@@ -162,7 +164,8 @@ def test_sam_function_resolves_globals_parameters_mappings_and_conditions(projec
     assert dict(train.efs) == {"/mnt/efs": (tmp_path / "efs").resolve()}
     assert train.max_retry_attempts == 1
     assert train.max_event_age_s == 3600
-    assert train.on_failure == "arn:aws:sqs:us-east-1:000000000000:FailureQueue"
+    # The SQS destination (!GetAtt FailureQueue.Arn) becomes a local file of failure records.
+    assert train.on_failure == tmp_path / "dest" / "FailureQueue.jsonl"
 
 
 def test_lambda_function_with_inline_zipfile_and_event_invoke_config_resource(project, tmp_path):
