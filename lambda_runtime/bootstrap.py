@@ -1,0 +1,278 @@
+"""The runtime inside an execution environment: load the handler once, then run invocations.
+
+This module plays the part of AWS's runtime interface client (awslambdaric): it runs in the
+environment's own process, talks to the service over a pipe instead of the Runtime API, and
+builds every error payload in one place (`make_error`). It is preloaded into the fork server,
+so keep its imports light.
+"""
+
+from __future__ import annotations
+
+import decimal
+import importlib
+import io
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from lambda_runtime import quotas
+from lambda_runtime.context import ClockPage, LambdaContext
+
+UNHANDLED_WARNING = (
+    "LAMBDA_WARNING: Unhandled exception. The most likely cause is an issue in the function code. "
+    "However, in rare cases, a Lambda runtime update can cause unexpected function behavior. "
+    "For functions using managed runtimes, runtime updates can be triggered by a function change, "
+    "or can be applied automatically. To determine if the runtime has been updated, check the "
+    "runtime version in the INIT_START log entry. If this error correlates with a change in the "
+    "runtime version, you may be able to mitigate this error by temporarily rolling back to the "
+    "previous runtime version. For more information, see "
+    "https://docs.aws.amazon.com/lambda/latest/dg/runtimes-update.html"
+)
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What the environment process needs before user code runs; sent once at start."""
+
+    env_id: str
+    handler: str
+    task_root: str
+    environ: dict[str, str]
+    log_path: str
+    clock_page: str
+    sandbox: Any  # lambda_runtime.sandbox.SandboxSpec, or None for no sandbox
+    timeout_ms: int
+
+
+class FaultError(Exception):
+    """A runtime fault with its AWS errorType (Runtime.ImportModuleError, ...)."""
+
+    def __init__(self, error_type: str, message: str, trace: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.trace = trace or []
+
+
+def make_error(
+    message: str, error_type: str, stack_trace: list[str] | None, request_id: str | None = None
+) -> dict[str, Any]:
+    """Lambda's four-key error payload, keys in AWS's order."""
+    return {
+        "errorMessage": message or "",
+        "errorType": error_type or "",
+        "requestId": request_id if request_id is not None else "",
+        "stackTrace": stack_trace or [],
+    }
+
+
+def _user_frames(tb: Any) -> list[str]:
+    """Format a traceback without this module's own frames (AWS drops bootstrap.py frames)."""
+    frames = traceback.extract_tb(tb)
+    me = __file__
+    for i, frame in enumerate(frames):
+        if frame.filename != me:
+            frames = frames[i:]
+            break
+    return traceback.format_list(frames)
+
+
+def _error_log_lines(error: dict[str, Any]) -> str:
+    """The unhandled-error log record: `[ERROR] Type: msg` then the traceback, NBSP-indented."""
+    head = "[ERROR]"
+    if error.get("errorType"):
+        head += " " + error["errorType"]
+    if error.get("errorMessage"):
+        head += (":" if error.get("errorType") else "") + " " + error["errorMessage"]
+    lines = [head]
+    stack = error.get("stackTrace")
+    if stack is not None:
+        lines.append("Traceback (most recent call last):")
+        for element in stack:
+            for line in element.splitlines() or [""]:
+                stripped = line.lstrip(" ")
+                lines.append("\u00a0" * (len(line) - len(stripped)) + stripped)
+    return "\n".join(lines) + "\n"
+
+
+def load_handler(handler: str) -> Any:
+    """Import `module.function` as the AWS runtime does, raising FaultError with its errorType."""
+    try:
+        modname, fname = handler.rsplit(".", 1)
+    except ValueError as exc:
+        raise FaultError("Runtime.MalformedHandlerName", f"Bad handler '{handler}': {exc}") from None
+    if modname.split(".")[0] in sys.builtin_module_names:
+        raise FaultError(
+            "Runtime.BuiltInModuleConflict",
+            f"Cannot use built-in module {modname} as a handler module",
+        )
+    try:
+        module = importlib.import_module(modname.replace("/", "."))
+    except ImportError as exc:
+        raise FaultError(
+            "Runtime.ImportModuleError", f"Unable to import module '{modname}': {exc}"
+        ) from None
+    except SyntaxError as exc:
+        trace = [f'  File "{exc.filename}" Line {exc.lineno}\n    {exc.text}']
+        raise FaultError(
+            "Runtime.UserCodeSyntaxError", f"Syntax error in module '{modname}': {exc}", trace
+        ) from None
+    try:
+        return getattr(module, fname)
+    except AttributeError:
+        raise FaultError(
+            "Runtime.HandlerNotFound", f"Handler '{fname}' missing on module '{modname}'"
+        ) from None
+
+
+class _LambdaJSONEncoder(json.JSONEncoder):
+    def default(self, o: Any) -> Any:
+        if isinstance(o, decimal.Decimal):
+            return float(o) if o != o.to_integral_value() else int(o)
+        return super().default(o)
+
+
+def marshal_response(value: Any) -> tuple[bytes, str]:
+    """Encode a handler's return value as the runtime does (bytes pass through untouched)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), "application/unknown"
+    try:
+        return json.dumps(value, cls=_LambdaJSONEncoder).encode(), "application/json"
+    except Exception as exc:
+        raise FaultError("Runtime.MarshalError", f"Unable to marshal response: {exc}") from None
+
+
+class _RequestIdFilter(logging.Filter):
+    request_id = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.aws_request_id = _RequestIdFilter.request_id
+        return True
+
+
+def _setup_stdio(log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Lambda's stdout and stderr are unbuffered: a print is in the log before the next line runs.
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+
+
+def _setup_logging() -> None:
+    logging.Formatter.converter = time.gmtime
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.terminator = ""
+    handler._lambda_sink = True  # type: ignore[attr-defined]
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+            "%Y-%m-%dT%H:%M:%S",
+        )
+    )
+    handler.addFilter(_RequestIdFilter())
+    root.addHandler(handler)
+    level = os.environ.get("AWS_LAMBDA_LOG_LEVEL")
+    if level and level.upper() in logging.getLevelNamesMapping():
+        root.setLevel(level.upper())
+
+
+def _prepare_process(spec: BootSpec) -> None:
+    """Everything before the handler module is imported: sandbox, stdio, environment, cwd."""
+    extra_env: dict[str, str] = {}
+    if spec.sandbox is not None:
+        from lambda_runtime import sandbox
+
+        extra_env = sandbox.enter(spec.sandbox)
+    _setup_stdio(spec.log_path)
+    os.environ.clear()
+    os.environ.update(spec.environ)
+    os.environ.update(extra_env)
+    os.chdir(spec.task_root)
+    if spec.task_root not in sys.path:
+        sys.path.insert(0, spec.task_root)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (quotas.NOFILE_LIMIT, quotas.NOFILE_LIMIT))
+    except (ValueError, OSError):
+        pass
+
+
+def main(conn: Connection, spec: BootSpec) -> None:
+    """Entry point of the environment process."""
+    try:
+        os.setsid()  # its own session, so the service can signal the whole tree
+    except OSError:
+        pass
+    try:
+        _prepare_process(spec)
+    except Exception as exc:
+        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        os._exit(70)
+    conn.send(("ready", os.getpid()))
+    if conn.recv()[0] != "init":
+        os._exit(0)
+    _setup_logging()
+    try:
+        handler = load_handler(spec.handler)
+    except Exception as exc:
+        if isinstance(exc, FaultError):
+            error = make_error(exc.message, exc.error_type, exc.trace)
+        else:
+            error = make_error(str(exc), type(exc).__name__, _user_frames(exc.__traceback__))
+        logging.warning(UNHANDLED_WARNING)
+        sys.stdout.write(_error_log_lines(error))
+        conn.send(("init_error", error))
+        sys.exit(1)
+    conn.send(("init_ok", None))
+    clock = ClockPage(spec.clock_page)
+    timeout_ms = spec.timeout_ms
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            os._exit(0)
+        if message[0] != "invoke":
+            break
+        _, request_id, payload, deadline_ms, arn, client_context, trace_id = message
+        conn.send(
+            _invoke(handler, request_id, payload, deadline_ms, arn, client_context, trace_id,
+                    lambda: timeout_ms - int(clock.elapsed_s() * 1000))
+        )
+
+
+def _invoke(
+    handler: Any,
+    request_id: str,
+    payload: bytes,
+    deadline_ms: int,
+    arn: str,
+    client_context: dict[str, Any] | None,
+    trace_id: str,
+    remaining: Any,
+) -> tuple[str, bytes, str]:
+    _RequestIdFilter.request_id = request_id
+    os.environ["_X_AMZN_TRACE_ID"] = trace_id
+    try:
+        context = LambdaContext(
+            request_id, client_context, None, deadline_ms, arn, None, remaining_ms=remaining
+        )
+        event = json.loads(payload) if payload else {}
+        body, content_type = marshal_response(handler(event, context))
+        return ("ok", body, content_type)
+    except FaultError as exc:
+        error = make_error(exc.message, exc.error_type, exc.trace, request_id)
+    except Exception as exc:
+        error = make_error(str(exc), type(exc).__name__, _user_frames(exc.__traceback__), request_id)
+    sys.stdout.write(_error_log_lines(error))
+    return ("error", json.dumps(error).encode(), "application/json")
