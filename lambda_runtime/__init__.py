@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-from lambda_runtime.config import FunctionConfig, ServiceSettings
-from lambda_runtime.errors import (
-    ConfigError,
-    LambdaRuntimeError,
-    ResourceNotFoundException,
-    ServiceError,
-    TooManyRequestsException,
-)
-from lambda_runtime.result import InvokeResult
-from lambda_runtime.service import LambdaService
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "ConfigError",
-    "FunctionConfig",
-    "InvokeResult",
-    "LambdaRuntimeError",
-    "LambdaService",
-    "ResourceNotFoundException",
-    "ServiceError",
-    "ServiceSettings",
-    "TooManyRequestsException",
-]
+if TYPE_CHECKING:
+    from lambda_runtime.config import FunctionConfig, ServiceSettings
+    from lambda_runtime.errors import (
+        ConfigError,
+        LambdaRuntimeError,
+        ResourceNotFoundException,
+        ServiceError,
+        TooManyRequestsException,
+    )
+    from lambda_runtime.result import InvokeResult
+    from lambda_runtime.service import LambdaService
+
+# Imported on first use: an execution environment's runtime imports this package too, and must
+# not pay for the service, the HTTP server and the pool at every cold start.
+_EXPORTS = {
+    "FunctionConfig": "lambda_runtime.config",
+    "ServiceSettings": "lambda_runtime.config",
+    "ConfigError": "lambda_runtime.errors",
+    "LambdaRuntimeError": "lambda_runtime.errors",
+    "ResourceNotFoundException": "lambda_runtime.errors",
+    "ServiceError": "lambda_runtime.errors",
+    "TooManyRequestsException": "lambda_runtime.errors",
+    "InvokeResult": "lambda_runtime.result",
+    "LambdaService": "lambda_runtime.service",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lambda_runtime' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -14,16 +14,61 @@ import io
 import json
 import logging
 import os
+import pickle
 import resource
+import select
+import socket
+import struct
 import sys
 import time
 import traceback
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
-from lambda_runtime import quotas
 from lambda_runtime.context import ClockPage, LambdaContext
+
+NOFILE_LIMIT = 1024  # quotas.NOFILE_LIMIT, repeated to keep this module's imports minimal
+_HEADER = struct.Struct("<I")
+
+
+class Channel:
+    """Length-prefixed pickle messages over a socket: the service's end and the runtime's end."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def _fill(self, n: int, timeout_s: float | None) -> bool:
+        while len(self._buf) < n:
+            if timeout_s is not None:
+                ready, _, _ = select.select([self.sock], [], [], timeout_s)
+                if not ready:
+                    return False
+            chunk = self.sock.recv(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise EOFError("channel closed")
+            self._buf += chunk
+        return True
+
+    def recv(self, timeout_s: float | None = None) -> Any:
+        """The next message; None when none arrived within timeout_s; EOFError when closed."""
+        if not self._fill(_HEADER.size, timeout_s):
+            return None
+        (size,) = _HEADER.unpack_from(self._buf)
+        # Once a header arrived the body follows at once; wait for it without a deadline.
+        self._fill(_HEADER.size + size, None)
+        data = bytes(self._buf[_HEADER.size : _HEADER.size + size])
+        del self._buf[: _HEADER.size + size]
+        return pickle.loads(data)
+
+    def close(self) -> None:
+        self.sock.close()
 
 UNHANDLED_WARNING = (
     "LAMBDA_WARNING: Unhandled exception. The most likely cause is an issue in the function code. "
@@ -37,18 +82,35 @@ UNHANDLED_WARNING = (
 )
 
 
-@dataclass(frozen=True)
 class BootSpec:
     """What the environment process needs before user code runs; sent once at start."""
 
-    env_id: str
-    handler: str
-    task_root: str
-    environ: dict[str, str]
-    log_path: str
-    clock_page: str
-    sandbox: Any  # lambda_runtime.sandbox.SandboxSpec, or None for no sandbox
-    timeout_ms: int
+    __slots__ = ("env_id", "handler", "task_root", "environ", "clock_page", "sandbox", "timeout_ms")
+
+    def __init__(
+        self,
+        env_id: str,
+        handler: str,
+        task_root: str,
+        environ: dict[str, str],
+        clock_page: str,
+        sandbox: Any,  # lambda_runtime.sandbox.SandboxSpec, or None for no sandbox
+        timeout_ms: int,
+    ) -> None:
+        self.env_id = env_id
+        self.handler = handler
+        self.task_root = task_root
+        self.environ = environ
+        self.clock_page = clock_page
+        self.sandbox = sandbox
+        self.timeout_ms = timeout_ms
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 class FaultError(Exception):
@@ -157,11 +219,8 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-def _setup_stdio(log_path: str) -> None:
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _setup_stdio() -> None:
+    # fds 1 and 2 are the log stream (opened O_APPEND by the service).
     # Lambda's stdout and stderr are unbuffered: a print is in the log before the next line runs.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
@@ -188,32 +247,34 @@ def _setup_logging() -> None:
         root.setLevel(level.upper())
 
 
+_CLOCK: Any = None
+
+
 def _prepare_process(spec: BootSpec) -> None:
     """Everything before the handler module is imported: sandbox, stdio, environment, cwd."""
     extra_env: dict[str, str] = {}
+    # Before the sandbox may mount over /tmp: the task root and the clock page can live there.
+    os.chdir(spec.task_root)
+    global _CLOCK
+    _CLOCK = ClockPage(spec.clock_page)
     if spec.sandbox is not None:
         from lambda_runtime import sandbox
 
         extra_env = sandbox.enter(spec.sandbox)
-    _setup_stdio(spec.log_path)
+    _setup_stdio()
     os.environ.clear()
     os.environ.update(spec.environ)
     os.environ.update(extra_env)
-    os.chdir(spec.task_root)
-    if spec.task_root not in sys.path:
-        sys.path.insert(0, spec.task_root)
+    # A task root hidden by the new /tmp stays reachable through the working directory.
+    sys.path.insert(0, spec.task_root if os.path.isdir(spec.task_root) else "")
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (quotas.NOFILE_LIMIT, quotas.NOFILE_LIMIT))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_LIMIT, NOFILE_LIMIT))
     except (ValueError, OSError):
         pass
 
 
-def main(conn: Connection, spec: BootSpec) -> None:
-    """Entry point of the environment process."""
-    try:
-        os.setsid()  # its own session, so the service can signal the whole tree
-    except OSError:
-        pass
+def main(conn: Channel, spec: BootSpec) -> None:
+    """Run the runtime: sandbox, init, then invocations until told to stop."""
     try:
         _prepare_process(spec)
     except Exception as exc:
@@ -235,12 +296,12 @@ def main(conn: Connection, spec: BootSpec) -> None:
         conn.send(("init_error", error))
         sys.exit(1)
     conn.send(("init_ok", None))
-    clock = ClockPage(spec.clock_page)
+    clock = _CLOCK
     timeout_ms = spec.timeout_ms
     while True:
         try:
             message = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             os._exit(0)
         if message[0] != "invoke":
             break
@@ -276,3 +337,15 @@ def _invoke(
         error = make_error(str(exc), type(exc).__name__, _user_frames(exc.__traceback__), request_id)
     sys.stdout.write(_error_log_lines(error))
     return ("error", json.dumps(error).encode(), "application/json")
+
+
+def _child_main() -> None:
+    """`python -m lambda_runtime.bootstrap FD`: FD is this runtime's end of the service channel."""
+    conn = Channel(socket.socket(fileno=int(sys.argv[1])))
+    spec = conn.recv()
+    main(conn, spec)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _child_main()

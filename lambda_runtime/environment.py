@@ -12,21 +12,21 @@ from __future__ import annotations
 import abc
 import json
 import mmap
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from lambda_runtime import logs, quotas
 from lambda_runtime.billing import InvocationRecord
-from lambda_runtime.bootstrap import BootSpec
+from lambda_runtime.bootstrap import BootSpec, Channel
 from lambda_runtime.clock import InvocationClock
 from lambda_runtime.config import FunctionConfig, ServiceSettings
 from lambda_runtime.context import CLOCK_PAGE
@@ -263,8 +263,8 @@ class ExecutionEnvironment(abc.ABC):
     def _init(self, phase: str, limit_s: float) -> tuple[float, dict[str, Any] | None, str | None]:
         """Start the runtime and import the handler. Returns (init ms, error payload, status)."""
         self.log.write(logs.format_init_start(self.fn.runtime_id, self.settings.region))
+        self._meters_start()  # Init Duration covers the runtime's own start, as on Lambda
         self._spawn()
-        self._meters_start()
         self._send(("init",))
         message, elapsed, failure = self._phase_wait(limit_s)
         init_ms = elapsed * 1000.0
@@ -474,31 +474,24 @@ class ExecutionEnvironment(abc.ABC):
                 self.log.close()
 
 
-_CONTEXT: Any = None
-_CONTEXT_LOCK = threading.Lock()
+_CHILD_CODE = "from lambda_runtime.bootstrap import _child_main; _child_main()"
 
 
-def _mp_context() -> Any:
-    """A fork server with the runtime preloaded: a new environment costs a fork, not an exec."""
-    global _CONTEXT
-    with _CONTEXT_LOCK:
-        if _CONTEXT is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["lambda_runtime.bootstrap", "lambda_runtime.sandbox"])
-            _CONTEXT = ctx
-        return _CONTEXT
+def _child_pythonpath() -> str:
+    """The parent's import path, so the runtime finds this package even from a source tree."""
+    return os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
 
 
 class ProcessEnvironment(ExecutionEnvironment):
-    """A runtime process forked from the fork server, limited from outside."""
+    """A runtime process of its own (new session), limited from outside."""
 
     backend_name = "process"
 
     def __init__(self, fn: FunctionConfig, settings: ServiceSettings, env_id: str,
                  endpoint: str | None) -> None:
         super().__init__(fn, settings, env_id, endpoint)
-        self._proc: Any = None
-        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Channel | None = None
         try:
             self.limiter: Limiter = make_limiter(env_id, fn.memory_mb, fn.vcpus, settings.isolation)
             self.tmp = TmpStore(self.env_dir, env_id, fn.ephemeral_mb, dict(fn.efs), settings.isolation,
@@ -517,65 +510,80 @@ class ProcessEnvironment(ExecutionEnvironment):
         }
 
     def _spawn(self) -> None:
-        ctx = _mp_context()
         self.tmp.wait_released()
-        parent, child = ctx.Pipe(duplex=True)
-        spec = BootSpec(
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _child_pythonpath()
+        log_fd = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_CODE, str(child.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(child.fileno(),),
+                cwd=str(self.fn.code_dir),
+                env=env,
+                start_new_session=True,  # its own session: the whole tree can be signalled
+            )
+        finally:
+            os.close(log_fd)
+            child.close()
+        self._proc, self._conn = proc, Channel(parent)
+        # Limits go on before the runtime may import user code: it waits for "init".
+        self.limiter.attach(proc.pid)
+        self._conn.send(BootSpec(
             env_id=self.env_id,
             handler=self.fn.handler,
             task_root=str(self.fn.code_dir),
             environ=self._environ(),
-            log_path=str(self.log.path),
             clock_page=str(self.env_dir / "clock.page"),
             sandbox=self.tmp.spec,
             timeout_ms=self.fn.timeout_s * 1000,
-        )
-        from lambda_runtime import bootstrap
-
-        proc = ctx.Process(target=bootstrap.main, args=(child, spec), daemon=True,
-                           name=f"lambda-{self.fn.name}-{self.env_id}")
-        proc.start()
-        child.close()
-        self._proc, self._conn = proc, parent
-        # Limits go on before the runtime may import user code: it waits for "init".
-        self.limiter.attach(proc.pid)
-        message = self._recv(5.0)
+        ))
+        try:
+            message = self._recv(10.0)
+        except RuntimeGone:
+            message = None
         if message is None or message[0] != "ready":
-            detail = message[1] if message is not None and message[0] == "fatal" else "no answer"
+            detail = message[1] if message is not None and message[0] == "fatal" else (
+                f"no answer (exit {proc.poll()})")
             self._kill()
             raise OSError(f"environment {self.env_id} failed to start: {detail}")
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        assert self._conn is not None
+        if self._conn is None:
+            raise RuntimeGone("no runtime")
         try:
             self._conn.send(message)
-        except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
+        except OSError as exc:
             raise RuntimeGone(str(exc)) from exc
 
     def _recv(self, timeout_s: float) -> tuple[Any, ...] | None:
         conn, proc = self._conn, self._proc
-        assert conn is not None and proc is not None
-        if conn.poll(0) or multiprocessing.connection.wait([conn, proc.sentinel], timeout_s):
-            if conn.poll(0):
-                try:
-                    message: tuple[Any, ...] = conn.recv()
-                    return message
-                except (EOFError, ConnectionResetError, OSError) as exc:
-                    raise RuntimeGone(str(exc)) from exc
-            if proc.exitcode is not None or not proc.is_alive():
-                raise RuntimeGone(f"exit {proc.exitcode}")
-        return None
+        if conn is None or proc is None:
+            raise RuntimeGone("no runtime")
+        try:
+            message: tuple[Any, ...] | None = conn.recv(timeout_s)
+        except (EOFError, OSError) as exc:
+            raise RuntimeGone(str(exc)) from exc
+        if message is None and proc.poll() is not None:
+            raise RuntimeGone(f"exit {proc.returncode}")
+        return message
 
     def _kill(self) -> None:
         proc = self._proc
-        if proc is not None and proc.pid is not None:
+        if proc is not None and proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         self.limiter.kill_all()
         if proc is not None:
-            proc.join(timeout=2.0)
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -583,9 +591,10 @@ class ProcessEnvironment(ExecutionEnvironment):
     def _exitcode(self) -> int | None:
         if self._proc is None:
             return None
-        self._proc.join(timeout=0.05)
-        code: int | None = self._proc.exitcode
-        return code
+        try:
+            return self._proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _meters_start(self) -> None:
         self.limiter.reset_peak()
