@@ -7,9 +7,11 @@ Three steps, each testable alone: `parse_serve_args` (argv -> validated ServeOpt
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -321,6 +323,9 @@ def make_service(settings: ServiceSettings) -> Service:
         idle_timeout_s=settings.idle_timeout_s,
         clock=settings.clock,
         isolation=settings.isolation,
+        # A service that already listens from its constructor must listen where we were told.
+        host=settings.host,
+        port=settings.port,
     )
 
 
@@ -349,18 +354,25 @@ def run(
     stop = stop or threading.Event()
     # Handlers go in first: a signal during start-up must still end in close(), not a bare kill.
     previous = _install_stop_handlers(stop)
+    host, port = options.settings.host, options.settings.port
     try:
-        service = service_factory(options.settings)
+        try:
+            service = service_factory(options.settings)
+        except OSError as exc:
+            problem = _listen_problem(exc, host, port)
+            if problem is None:
+                raise
+            raise problem from exc
         try:
             for cfg in functions:
                 service.register(cfg)
-            host, port = options.settings.host, options.settings.port
             try:
                 endpoint = service.start_http(host=host, port=port)
-            except IsolationUnavailable:
-                raise
             except OSError as exc:
-                raise ConfigError("--port", f"cannot listen on {host}:{port}: {exc}") from exc
+                problem = _listen_problem(exc, host, port)
+                if problem is None:
+                    raise
+                raise problem from exc
             print(f"Lambda endpoint: {endpoint}", file=out)
             for cfg in functions:
                 print(describe(cfg, service.mechanisms(cfg.name)), file=out)
@@ -373,6 +385,17 @@ def run(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
+
+
+def _listen_problem(error: OSError, host: str, port: int) -> ConfigError | None:
+    """The flag to blame when the HTTP server cannot listen; None for other OS errors."""
+    if isinstance(error, IsolationUnavailable):
+        return None
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("--host", f"cannot listen on {host!r}: {error.strerror or error}")
+    if error.errno in (errno.EADDRINUSE, errno.EACCES):
+        return ConfigError("--port", f"cannot listen on {host}:{port}: {error.strerror}")
+    return None
 
 
 def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
@@ -400,3 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     except LambdaRuntimeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # not the user's flags: the host refused something
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
