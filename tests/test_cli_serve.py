@@ -427,7 +427,8 @@ def _lines(stream) -> queue.Queue[str]:
 
 
 @pytest.mark.timeout(120)
-def test_serve_end_to_end_with_boto3_and_sigterm(project, tmp_path):
+@pytest.mark.parametrize("isolation", ["auto", "portable"])
+def test_serve_end_to_end_with_boto3_and_sigterm(project, tmp_path, isolation):
     psutil = pytest.importorskip("psutil")
     boto3 = pytest.importorskip("boto3")
     port = _free_port()
@@ -451,6 +452,8 @@ def test_serve_end_to_end_with_boto3_and_sigterm(project, tmp_path):
             str(tmp_path / "run"),
             "--idle-timeout",
             "600",
+            "--isolation",
+            isolation,
         ],
         cwd=tmp_path,
         env=env,
