@@ -265,7 +265,7 @@ class Lock:
         return self._fd is not None
 
     def acquire(self, timeout: float | None = -1.0) -> None:
-        """Take the lock, waiting at most `timeout` s (default: the object's); else LockTimeout."""
+        """Take the lock within `timeout` s (negative: default; None: forever) or LockTimeout."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path}: this Lock is already held (it is not reentrant)")
         limit = self.timeout if timeout is not None and timeout < 0 else timeout

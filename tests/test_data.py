@@ -6,6 +6,7 @@ import io
 import multiprocessing as mp
 import os
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,36 @@ def test_cifar_directory(tmp_path: Path, protocol: int) -> None:
         np.testing.assert_array_equal(ds.x_train[5, 2, 7, 1], x[5, 1024 + 2 * 32 + 7])
         np.testing.assert_array_equal(ds.x_train[:, :, :, 0].reshape(-1, 1024), x[:, :1024])
         assert ds.num_classes == 10 and ds.input_shape == (32, 32, 3)
+
+
+def _py2_batch_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickle as Python 2's cPickle wrote the official files: protocol 2, str opcodes."""
+    rows, cols = data.shape
+    raw = data.tobytes()
+
+    def short(s: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(s)]) + s
+
+    return (
+        b"\x80\x02}(" + short(b"data")
+        + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + short(b"b")
+        + b"\x87R(K\x01M" + struct.pack("<H", rows) + b"M" + struct.pack("<H", cols) + b"\x86"
+        + b"cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R"
+        + b"(K\x03" + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89"
+        + b"T" + struct.pack("<I", len(raw)) + raw + b"tb"
+        + short(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"eu."
+    )  # fmt: skip
+
+
+def test_cifar_python2_pickles(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i, name in enumerate((*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)):
+        (d / name).write_bytes(_py2_batch_pickle(*_fake_batch(i)))
+    ds = load_cifar10(d)
+    x, y = _expected_cifar()
+    np.testing.assert_array_equal(ds.y_train, y)
+    np.testing.assert_array_equal(ds.x_train.transpose(0, 3, 1, 2).reshape(-1, 3072), x)
 
 
 def test_cifar_tarball_without_extraction(tmp_path: Path) -> None:
