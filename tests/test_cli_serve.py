@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -217,7 +218,7 @@ def test_unused_efs_mount_is_warned_about(project, tmp_path, capsys):
 # -- errors through main(argv) ------------------------------------------------------------------
 
 
-def _fails(capsys, argv: list[str]) -> str:
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     status = main(argv)
     captured = capsys.readouterr()
     assert status == 2
@@ -225,7 +226,7 @@ def _fails(capsys, argv: list[str]) -> str:
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err  # one clear line, no usage dump or traceback
     assert lines[0].startswith("lambda-runtime: error: ")
-    return lines[0].removeprefix("lambda-runtime: error: ")
+    return str(lines[0]).removeprefix("lambda-runtime: error: ")
 
 
 @pytest.mark.parametrize(
@@ -415,7 +416,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _lines(stream) -> queue.Queue[str]:
+def _lines(stream: IO[str]) -> queue.Queue[str]:
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
@@ -461,6 +462,7 @@ def test_serve_end_to_end_with_boto3_and_sigterm(project, tmp_path, isolation):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None
     out, err = _lines(proc.stdout), _lines(proc.stderr)
     try:
         seen: list[str] = []

@@ -319,7 +319,9 @@ def test_unresolvable_things_stay_opaque():
     assert "Nope" in partial.reason
 
 
-def _error(tmp_path: Path, properties: str, *, kind: str = "AWS::Serverless::Function", **kw):
+def _error(
+    tmp_path: Path, properties: str, *, kind: str = "AWS::Serverless::Function", **kw: Any
+) -> str:
     (tmp_path / "src").mkdir(exist_ok=True)
     body = textwrap.indent(textwrap.dedent(properties), " " * 6)
     extra = kw.pop("extra", "")
@@ -522,4 +524,4 @@ def test_zipped_code_uri_is_unpacked(tmp_path):
         "      Handler: app.handler\n      CodeUri: code.zip\n"
     )
     (config,) = load_template(tmp_path / "t.yaml", cache_dir=tmp_path / "cache")
-    assert (config.code_dir / "app.py").read_text().startswith("def handler")
+    assert (Path(config.code_dir) / "app.py").read_text().startswith("def handler")
