@@ -36,11 +36,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 
 from lambda_runtime import quotas
 
 _READ_SIZE = 128
+# How far back late-reported wait may be moved (see InvocationClock._move_back). A wait spell
+# lasts a few scheduler slices on a busy host, up to a CFS period (100 ms) when throttled.
+LATE_WAIT_HORIZON_S = 0.5
 
 
 def schedstat_available(pid: int | None = None) -> tuple[bool, str]:
@@ -55,6 +59,18 @@ def schedstat_available(pid: int | None = None) -> tuple[bool, str]:
     if len(fields) < 2 or not all(x.isdigit() for x in fields[:2]):
         return False, f"{path} has an unexpected format"
     return True, ""
+
+
+def lambda_interval(dt: float, d_run: float, d_wait: float, vcpus: float) -> float:
+    """Lambda seconds of one interval of `dt` wall seconds (the model in the module doc)."""
+    if dt <= 0:
+        return 0.0
+    d = d_run + d_wait
+    if d <= 0:
+        return dt
+    w_r = min(dt, d)
+    p = d / w_r
+    return (dt - w_r) + d_run / min(p, vcpus)
 
 
 class InvocationClock:
@@ -97,6 +113,9 @@ class InvocationClock:
         self._t_last = 0.0
         self._elapsed = 0.0
         self._rate = 1.0
+        self._debt = 0.0  # Lambda seconds still to take off (see _move_back)
+        # (sample time, wall seconds counted as blocked) of recent intervals
+        self._blocked: deque[tuple[float, float]] = deque()
         self._started = False
 
     # -- public API --------------------------------------------------------------------------
@@ -108,6 +127,8 @@ class InvocationClock:
         self._t0 = self._t_last = now
         self._elapsed = 0.0
         self._rate = 1.0
+        self._debt = 0.0
+        self._blocked.clear()
         self._started = True
         if self.mechanism == "schedstat":
             # Counters read here are the baseline: they contribute nothing themselves.
@@ -124,12 +145,58 @@ class InvocationClock:
             self._rate = 1.0
             self._t_last = now
             return self._elapsed
-        d_run_ns, d_wait_ns = self._collect()
-        d_lambda = self._advance(dt, d_run_ns / 1e9, d_wait_ns / 1e9)
+        d_run_ns, d_wait_ns, late_run_ns, late_wait_ns = self._collect(dt)
+        # A counter glitch must not make time run wild: a tree cannot run more
+        # thread-seconds than the host has cores.
+        d_run = min(d_run_ns / 1e9, dt * self._host_cores)
+        d_wait = d_wait_ns / 1e9
+        moved_run, moved_wait = self._move_back(now, late_run_ns / 1e9, late_wait_ns / 1e9)
+        d_run -= moved_run
+        d_wait -= moved_wait
+        d_lambda = lambda_interval(dt, d_run, d_wait, self._share)
+        # The moved thread-seconds replace wall-speed blocked time counted earlier: take that
+        # off again, and charge their run part as CPU work of one runnable thread.
+        d_lambda += moved_run / min(1.0, self._share) - (moved_run + moved_wait)
+        if dt > 0:
+            runnable = d_run + d_wait
+            blocked = dt - min(dt, runnable) if runnable > 0 else dt
+            if blocked > 0:
+                self._blocked.append((now, blocked))
+        # The clock never runs backwards: a correction larger than this interval is paid off
+        # by the following ones.
+        d_lambda -= self._debt
+        self._debt = max(0.0, -d_lambda)
+        d_lambda = max(0.0, d_lambda)
         self._elapsed += d_lambda
         self._rate = d_lambda / dt if dt > 0 else self._rate
         self._t_last = now
         return self._elapsed
+
+    def _move_back(self, now: float, late_run: float, late_wait: float) -> tuple[float, float]:
+        """Move late-reported thread-seconds back onto recent blocked time: (run, wait) moved.
+
+        The kernel adds a wait spell to run_delay only when the task gets a CPU again (and a
+        running task's run time only at the next tick or switch), so an interval spent waiting
+        reads as "nothing runnable" and passes at wall speed; the wait shows up later, as more
+        runnable seconds in one task than the interval had (per task, run + wait > dt: the
+        "late" part). Without a correction 8 busy copies on 2 cores read ~3x their CPU time.
+        The late part is moved back onto blocked time of recent intervals (newest first, at
+        most LATE_WAIT_HORIZON_S back), wait first. Because lateness is judged per task, truly
+        parallel threads (many runnable seconds, none late) are not affected.
+        """
+        blocked = self._blocked
+        while blocked and blocked[0][0] < now - LATE_WAIT_HORIZON_S:
+            blocked.popleft()
+        budget = late_run + late_wait
+        moved = 0.0
+        while budget > moved and blocked:
+            t, amount = blocked.pop()
+            take = min(amount, budget - moved)
+            moved += take
+            if amount > take:
+                blocked.append((t, amount - take))
+        moved_wait = min(moved, late_wait)
+        return moved - moved_wait, moved_wait
 
     def elapsed(self) -> float:
         """Last sampled Lambda-clock value, without sampling."""
@@ -148,24 +215,14 @@ class InvocationClock:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _advance(self, dt: float, d_run: float, d_wait: float) -> float:
-        """The model for one interval (module doc); pure, so tests can check it exactly."""
-        if dt <= 0:
-            return 0.0
-        # A counter glitch (or a tid reused between samples) must not make time run wild:
-        # a tree cannot run more thread-seconds than the host has cores.
-        d_run = min(d_run, dt * self._host_cores)
-        d = d_run + d_wait
-        if d <= 0:
-            return dt
-        w_r = min(dt, d)
-        p = d / w_r
-        return (dt - w_r) + d_run / min(p, self._share)
+    def _collect(self, dt: float = 0.0) -> tuple[int, int, int, int]:
+        """Read every task of the tree: summed run and wait deltas, and their late parts (ns).
 
-    def _collect(self) -> tuple[int, int]:
-        """Read every task of the tree; return the summed run and wait deltas since last time."""
-        d_run = 0
-        d_wait = 0
+        A task's late part is what its run + wait delta exceeds `dt` by, wait first: one task
+        cannot be runnable longer than the interval, so the excess happened before it.
+        """
+        d_run = d_wait = late_run = late_wait = 0
+        dt_ns = int(dt * 1e9)
         seen: set[int] = set()
         tasks = self._tasks
         try:
@@ -201,13 +258,19 @@ class InvocationClock:
                     continue
                 if run < old_run or wait < old_wait:
                     old_run = old_wait = 0  # cannot go backwards: a different task
-                d_run += run - old_run
-                d_wait += wait - old_wait
+                r, w = run - old_run, wait - old_wait
+                d_run += r
+                d_wait += w
+                excess = r + w - dt_ns
+                if excess > 0:
+                    lw = min(w, excess)
+                    late_wait += lw
+                    late_run += excess - lw
                 tasks[tid] = (fd, run, wait)
                 seen.add(tid)
         for tid in [t for t in tasks if t not in seen]:
             os.close(tasks.pop(tid)[0])  # vanished: contributes what it had at its last sample
-        return d_run, d_wait
+        return d_run, d_wait, late_run, late_wait
 
     def _close_fds(self) -> None:
         tasks = getattr(self, "_tasks", {})
