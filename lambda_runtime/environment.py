@@ -173,7 +173,8 @@ class ExecutionEnvironment(abc.ABC):
         """Kill the runtime's whole process tree and wait until it is gone."""
 
     @abc.abstractmethod
-    def _exitcode(self) -> int | None: ...
+    def _exitcode(self, wait_s: float = 0.05) -> int | None:
+        """The runtime's exit status (negative: killed by that signal), None while it runs."""
 
     @abc.abstractmethod
     def _meters_start(self) -> None:
@@ -290,7 +291,7 @@ class ExecutionEnvironment(abc.ABC):
             reason = message[1] if message is not None and message[0] == "fatal" else None
             error = {
                 "errorType": "Runtime.ExitError",
-                "errorMessage": reason or _exit_reason(self._exitcode()),
+                "errorMessage": reason or _exit_reason(self._exitcode(wait_s=1.0)),
             }
             status = "error"
         self._kill()
@@ -345,6 +346,7 @@ class ExecutionEnvironment(abc.ABC):
             return self._finish_timeout(req, start_wall, cold, init_ms, duration_ms / 1000, log_start)
         if failure is not None:
             self.runtime_ready = False
+            exitcode = self._exitcode(wait_s=1.0) if failure == "crash" else None
             self._kill()
             if failure == "oom":
                 body = {"errorType": "Runtime.ExitError",
@@ -360,7 +362,7 @@ class ExecutionEnvironment(abc.ABC):
                 return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
                                     "crash", "Runtime.ExitError", log_start, report_error=True)
             body = {"errorType": "Runtime.ExitError",
-                    "errorMessage": f"RequestId: {req.request_id} Error: {_exit_reason(self._exitcode())}"}
+                    "errorMessage": f"RequestId: {req.request_id} Error: {_exit_reason(exitcode)}"}
             return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
                                 "crash", "Runtime.ExitError", log_start, report_error=True)
         assert message is not None
@@ -588,11 +590,11 @@ class ProcessEnvironment(ExecutionEnvironment):
             self._conn.close()
             self._conn = None
 
-    def _exitcode(self) -> int | None:
+    def _exitcode(self, wait_s: float = 0.05) -> int | None:
         if self._proc is None:
             return None
         try:
-            return self._proc.wait(timeout=0.05)
+            return self._proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             return None
 

@@ -72,6 +72,7 @@ class LambdaService:
         self.ledger = Ledger(self.run_dir)
         self._closed = False
         self._http: Any = None
+        self._http_address: tuple[str, int] = (settings.host, settings.port)
         self.endpoint: str | None = None
         if http:
             self.start_http(settings.host, settings.port)
@@ -245,8 +246,13 @@ class LambdaService:
     # ---- lifecycle --------------------------------------------------------------------------
     def start_http(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the Invoke API (boto3-compatible) on host:port; returns the endpoint URL."""
+        if self._http is not None and (host, port) != (self._http_address[0], self._http_address[1]) and port != 0:
+            self._http.stop()  # asked for a specific address: move there
+            self._http = None
         if self._http is None:
             from lambda_runtime.http_api import InvokeApiServer
+
+            self._http_address = (host, port)
 
             self._http = InvokeApiServer(self, host=host, port=port)
             self.endpoint = self._http.start()

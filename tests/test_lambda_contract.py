@@ -120,34 +120,27 @@ def test_warm_reuse_keeps_globals_and_reports_init_only_when_cold(svc):
 
 def test_timeout_kills_and_reinitialises_but_keeps_tmp(svc):
     svc.register(fn(handler="handler.tmp_state", timeout_s=1))
-    assert svc.invoke("fn", {"write": "kept"}).json()["count"] == 1
-    # Same environment: now time out while sleeping.
-    svc.register(fn(handler="handler.tmp_state", timeout_s=1))
-    env = svc.pool.idle_environments("fn")[0]
-    from lambda_runtime.environment import InvocationRequest
-
-    outcome = env.invoke(InvocationRequest(str(uuid.uuid4()), b'{"seconds": 5}'))
-    assert outcome.status == "error"  # tmp_state ignores "seconds": the env itself still works
-    sleeper = fn(name="fn", handler="handler.write_then_sleep", timeout_s=1)
-    env.fn = sleeper
-    rid = str(uuid.uuid4())
-    env.runtime_ready = False  # a new handler module needs a fresh runtime
-    env._kill()
-    outcome = env.invoke(InvocationRequest(rid, b'{"write": "after", "seconds": 5}'))
-    body = json.loads(outcome.payload)
+    first = svc.invoke("fn", {"write": "kept"})
+    assert first.json()["count"] == 1
+    result = svc.invoke("fn", {"write": "after", "sleep": 5})
+    rid = result.request_id
+    body = result.json()
     assert body["errorType"] == "Sandbox.Timedout"
     assert re.fullmatch(rf"RequestId: {rid} Error: Task timed out after 1\.\d\d seconds",
                         body["errorMessage"])
-    assert outcome.function_error == "Unhandled"
+    assert result.function_error == "Unhandled"
+    assert result.record.status == "timeout" and 1000 <= result.record.duration_ms < 1100
+    assert result.record.billed_ms >= 1000
     text = all_logs(svc)
-    assert re.search(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z {rid} Task timed out after 1\.\d\d seconds\n", text)
+    assert re.search(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z {rid} Task timed out after "
+                     r"1\.\d\d seconds\n", text)
     assert re.search(rf"REPORT RequestId: {rid}\t.*\tStatus: timeout\n", text)
-    env.fn = fn(handler="handler.tmp_state", timeout_s=1)
-    after = env.invoke(InvocationRequest(str(uuid.uuid4()), b"{}"))
-    state = json.loads(after.payload)
+    after = svc.invoke("fn", {})
+    state = after.json()
     assert state["marker"] == "after"  # /tmp survived the kill
     assert state["count"] == 1  # globals were re-created: the runtime re-initialised
     assert after.record.cold is True
+    assert after.record.environment_id == first.record.environment_id
 
 
 def test_new_environment_starts_with_empty_tmp(svc):
@@ -346,10 +339,10 @@ def test_reserved_concurrency_throttles_sync(make_service, backend):
 
 # ---- async queue ------------------------------------------------------------------------------
 def test_async_retries_then_on_failure_destination(svc, tmp_path):
-    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=2))
     marks = tmp_path / "marks"
-    marks.mkdir()
-    result = svc.invoke("fn", {"dir": str(marks)}, invocation_type="Event")
+    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=2,
+                    efs={"/mnt/efs": marks}))
+    result = svc.invoke("fn", {"n": 1}, invocation_type="Event")
     assert svc.wait_idle(30)
     assert len(list(marks.iterdir())) == 3  # first try + 2 retries
     lines = (svc.run_dir / "destinations" / "fn.on-failure.jsonl").read_text().splitlines()
@@ -360,23 +353,25 @@ def test_async_retries_then_on_failure_destination(svc, tmp_path):
         "condition": "RetriesExhausted",
         "approximateInvokeCount": 3,
     }
-    assert record["requestPayload"] == {"dir": str(marks)}
+    assert record["requestPayload"] == {"n": 1}
     assert record["responseContext"]["functionError"] == "Unhandled"
     assert record["responsePayload"]["errorType"] == "RuntimeError"
     assert [r.attempt for r in svc.ledger.records("fn")] == [1, 2, 3]
 
 
 def test_async_zero_retries(svc, tmp_path):
-    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=0))
-    svc.invoke("fn", {"dir": str(tmp_path)}, invocation_type="Event")
+    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=0,
+                    efs={"/mnt/efs": tmp_path}))
+    svc.invoke("fn", {}, invocation_type="Event")
     assert svc.wait_idle(30)
     assert len(list(tmp_path.glob("attempt-*"))) == 1
 
 
 def test_async_events_wait_for_concurrency(svc, tmp_path):
-    svc.register(fn(handler="handler.record", reserved_concurrency=2))
+    tmp_path = tmp_path / "efs"
+    svc.register(fn(handler="handler.record", reserved_concurrency=2, efs={"/mnt/efs": tmp_path}))
     for i in range(6):
-        svc.invoke("fn", {"dir": str(tmp_path), "i": i}, invocation_type="Event")
+        svc.invoke("fn", {"i": i}, invocation_type="Event")
     assert svc.wait_idle(30)
     done = sorted(int(p.name.split("-")[0]) for p in tmp_path.iterdir())
     assert done == list(range(6))
@@ -407,11 +402,9 @@ def test_boto3_invoke_through_http(svc):
 
 def test_handler_fans_out_with_unmodified_boto3(svc, tmp_path):
     svc.register(fn(name="fanner", handler="handler.fan_out", timeout_s=30))
-    svc.register(fn(name="target", handler="handler.record"))
+    svc.register(fn(name="target", handler="handler.record", efs={"/mnt/efs": tmp_path / "efs"}))
     out = svc.invoke("fanner", {"n": 3, "target": "target"})
     assert out.function_error is None, out.payload
     assert out.json() == [202, 202, 202]
     assert svc.wait_idle(30)
-    # The target events carried {"i": i} without a dir: they fail (KeyError) and are retried;
-    # what matters here is that they arrived through the HTTP API from inside an environment.
-    assert len([r for r in svc.ledger.records("target")]) >= 3
+    assert sorted(int(p.name.split("-")[0]) for p in (tmp_path / "efs").iterdir()) == [0, 1, 2]
