@@ -260,7 +260,9 @@ class SamplingLimiter(Limiter):
             self.mechanisms["reason"] = reason
         self._root: int | None = None
         self._sid: int | None = None
-        self._known: set[int] = set()
+        # Every process ever seen in the tree, identity-checked by psutil (create time), so
+        # one that left it (e.g. setsid after its parent died) is still the environment's.
+        self._known: dict[int, psutil.Process] = {}
         self._oom = False
 
     def attach(self, pid: int) -> None:
@@ -271,28 +273,31 @@ class SamplingLimiter(Limiter):
             # processes too, so a child that was re-parented to init is still found.
             sid = os.getsid(pid)
             self._sid = sid if sid == pid else None
-        self._known = {pid}
+        self._known = {}
+        with contextlib.suppress(psutil.Error):
+            self._known[pid] = psutil.Process(pid)
 
     def pids(self) -> list[int]:
-        """The root, its descendants, and every process of its session."""
+        """The root, its descendants, its session's processes, and any member seen before."""
         if self._root is None:
             return []
-        found: set[int] = set()
+        found: dict[int, psutil.Process] = {}
         try:
-            root = psutil.Process(self._root)
-            if root.status() != psutil.STATUS_ZOMBIE:
-                found.add(self._root)
-            found.update(c.pid for c in root.children(recursive=True))
+            root = self._known.get(self._root) or psutil.Process(self._root)
+            found[root.pid] = root
+            found.update((c.pid, c) for c in root.children(recursive=True))
         except (psutil.Error, OSError):
             pass
         if self._sid is not None:
             for pid in psutil.pids():
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, psutil.Error):
                     if pid not in found and os.getsid(pid) == self._sid:
-                        found.add(pid)
-        live = sorted(p for p in found if _is_live(p))
-        self._known.update(live)
-        return live
+                        found[pid] = psutil.Process(pid)
+        for pid, proc in self._known.items():
+            if pid not in found and proc.is_running():  # is_running() guards pid reuse
+                found[pid] = proc
+        self._known = {pid: proc for pid, proc in found.items() if _is_live(pid)}
+        return sorted(self._known)
 
     def reset_peak(self) -> None:
         """Start of an invocation."""
@@ -316,11 +321,23 @@ class SamplingLimiter(Limiter):
         return self._oom
 
     def kill_all(self) -> None:
-        """SIGKILL the process group, then every remaining member, until none is left."""
-        if self._root is not None and self._sid is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(self._root, signal.SIGKILL)
-        self._kill_loop(time.monotonic() + KILL_WAIT_S)
+        """SIGSTOP the tree until it stops growing, then SIGKILL it until none is left.
+
+        Stopping first keeps the tree intact while it is collected: killing a parent first
+        would re-parent its children to init, out of reach of the descendant walk.
+        """
+        deadline = time.monotonic() + KILL_WAIT_S
+        stopped: set[int] = set()
+        for _ in range(10):
+            new = [p for p in self.pids() if p not in stopped]
+            if not new:
+                break
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped.update(new)
+        _sigkill(stopped)
+        self._kill_loop(deadline)
 
     def close(self) -> None:
         """Kill the tree; nothing else to release."""
