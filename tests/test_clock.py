@@ -78,7 +78,7 @@ def _run(
     try:
         for child in children:
             assert child.stdout is not None and child.stdout.readline() == b"ready\n"
-        clocks = [InvocationClock(lambda c=c: [c.pid], vcpus=vcpus, kind=kind) for c in children]
+        clocks = [InvocationClock([c.pid].copy, vcpus=vcpus, kind=kind) for c in children]
         starts = []
         for child, clock in zip(children, clocks, strict=True):
             assert child.stdin is not None
