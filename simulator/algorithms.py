@@ -103,6 +103,9 @@ class Contribution:
                 raise ValueError(f"{field}: must be an int >= 0, got {value!r}")
             setattr(self, field, int(value))
         self.loss_sum = float(self.loss_sum)
+        if self.samples == 0 and self.loss_sum != 0:
+            # A worker with no samples has no loss either; anything else is a corrupt result.
+            raise ValueError(f"loss_sum: must be 0 when samples is 0, got {self.loss_sum!r}")
 
 
 def _check_like(what: str, arrays: Sequence[Array], weights: Sequence[Array]) -> None:
