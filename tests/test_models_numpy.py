@@ -16,7 +16,7 @@ from simulator.models import MODEL_NAMES, Model, get_model
 from simulator.models.numpy_models import MLP, SoftmaxRegression
 
 
-def _float64_point(model, seed: int) -> list[np.ndarray]:
+def _float64_point(model: Model, seed: int) -> list[np.ndarray]:
     """Weights in float64 away from init: random biases keep ReLU pre-activations off the kink."""
     rng = np.random.default_rng(seed + 1)
     return [w.astype(np.float64) + rng.normal(0.0, 0.5, w.shape) for w in model.init_weights(seed)]
@@ -204,7 +204,9 @@ def test_evaluate_is_mean_loss_and_accuracy_whatever_the_chunking(batch_size):
 # -- learning and speed -----------------------------------------------------------------------
 
 
-def _blobs(rng, n: int, dims: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _blobs(
+    rng: np.random.Generator, n: int, dims: int, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     centres = rng.normal(0.0, 4.0, (classes, dims))
     y = rng.integers(0, classes, n)
     return (centres[y] + rng.normal(0.0, 1.0, (n, dims))).astype(np.float32), y
