@@ -53,7 +53,25 @@ def _mlp(**kwargs: Any) -> Model:
     return MLP(**kwargs)
 
 
-_REGISTRY: dict[str, Callable[..., Model]] = {"softmax": _softmax, "mlp": _mlp}
+def _cnn(**kwargs: Any) -> Model:
+    # TensorFlow is imported here, on the first Keras model, never by the registry itself.
+    from simulator.models.keras_models import cnn
+
+    return cnn(**kwargs)
+
+
+def _vgg19(**kwargs: Any) -> Model:
+    from simulator.models.keras_models import vgg19
+
+    return vgg19(**kwargs)
+
+
+_REGISTRY: dict[str, Callable[..., Model]] = {
+    "softmax": _softmax,
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "vgg19": _vgg19,
+}
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Names get_model accepts."""
