@@ -159,7 +159,10 @@ class InvocationRecord:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and this runs once per invocation.
+        out = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        out["mechanisms"] = dict(self.mechanisms)
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> InvocationRecord:
@@ -172,6 +175,9 @@ class InvocationRecord:
                 raise ValueError(f"{f.name}: missing from invocation record")
         values["mechanisms"] = dict(values.get("mechanisms") or {})
         return cls(**values)
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(InvocationRecord))
 
 
 @dataclass

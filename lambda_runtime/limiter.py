@@ -51,6 +51,7 @@ from lambda_runtime.errors import ConfigError, IsolationUnavailable
 PARENT_CGROUP = "lambda_runtime"
 CFS_PERIOD_US = 100_000
 KILL_WAIT_S = 5.0
+SAMPLE_REFRESH_S = 0.25
 
 _ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -210,6 +211,10 @@ class Limiter(abc.ABC):
     def pids(self) -> list[int]:
         """Every live process of the environment's tree."""
 
+    def pids_cached(self) -> list[int]:
+        """pids(), possibly a few hundred ms old: cheap enough to call on every sample."""
+        return self.pids()
+
     @abc.abstractmethod
     def reset_peak(self) -> None:
         """Start of an invocation: peak and OOM state start afresh."""
@@ -264,6 +269,8 @@ class SamplingLimiter(Limiter):
         # one that left it (e.g. setsid after its parent died) is still the environment's.
         self._known: dict[int, psutil.Process] = {}
         self._oom = False
+        self._pids_cache: list[int] | None = None
+        self._pids_at = 0.0
 
     def attach(self, pid: int) -> None:
         """Track this process; its children are found at every poll."""
@@ -274,6 +281,7 @@ class SamplingLimiter(Limiter):
             sid = os.getsid(pid)
             self._sid = sid if sid == pid else None
         self._known = {}
+        self._pids_cache = None
         with contextlib.suppress(psutil.Error):
             self._known[pid] = psutil.Process(pid)
 
@@ -281,6 +289,22 @@ class SamplingLimiter(Limiter):
         """The root, its descendants, its session's processes, and any member seen before."""
         if self._root is None:
             return []
+        self._pids_cache, self._pids_at = self._walk(), time.monotonic()
+        return self._pids_cache
+
+    def pids_cached(self) -> list[int]:
+        """pids(), reusing a list younger than SAMPLE_REFRESH_S (for the sampling hot path)."""
+        if self._root is None:
+            return []
+        # Walking the process table costs milliseconds; a warm invocation samples a few times.
+        now = time.monotonic()
+        if self._pids_cache is not None and now - self._pids_at < SAMPLE_REFRESH_S:
+            return self._pids_cache
+        self._pids_cache, self._pids_at = self._walk(), now
+        return self._pids_cache
+
+    def _walk(self) -> list[int]:
+        assert self._root is not None
         found: dict[int, psutil.Process] = {}
         try:
             root = self._known.get(self._root) or psutil.Process(self._root)
@@ -302,18 +326,20 @@ class SamplingLimiter(Limiter):
     def reset_peak(self) -> None:
         """Start of an invocation."""
         self._oom = False
-        self._tree_peak = tree_bytes(self.pids())
+        self._tree_peak = tree_bytes(self.pids_cached())
 
     def poll(self) -> None:
         """Sample the tree's memory; SIGKILL the whole tree when it exceeds the limit."""
-        used = tree_bytes(self.pids())
+        used = tree_bytes(self.pids_cached())
         self._tree_peak = max(self._tree_peak, used)
         if used > self.memory_limit_bytes:
             self._oom = True
             self.kill_all()
 
     def peak_bytes(self) -> int:
-        """Largest sampled memory of the tree since reset_peak()."""
+        """Largest sampled memory of the tree since reset_peak(), the end included."""
+        if self._root is not None:
+            self._tree_peak = max(self._tree_peak, tree_bytes(self.pids_cached()))
         return self._tree_peak
 
     def oom_killed(self) -> bool:
@@ -329,6 +355,7 @@ class SamplingLimiter(Limiter):
         deadline = time.monotonic() + KILL_WAIT_S
         stopped: set[int] = set()
         for _ in range(10):
+            self._pids_cache = None
             new = [p for p in self.pids() if p not in stopped]
             if not new:
                 break
@@ -355,6 +382,20 @@ def _write(path: Path, value: str) -> None:
 
 def _read_int(path: Path) -> int:
     return int(path.read_text().split()[0])
+
+
+def _stat_value(stat: bytes, key: bytes) -> int:
+    """One "key value" line of a memory.stat text, 0 when absent (read without parsing it all)."""
+    at = stat.find(b"\n" + key + b" ")
+    if at < 0:
+        if not stat.startswith(key + b" "):
+            return 0
+        at = -1
+    end = stat.find(b"\n", at + 1)
+    try:
+        return int(stat[at + 2 + len(key) : end if end >= 0 else None])
+    except ValueError:
+        return 0
 
 
 def _read_kv(path: Path) -> dict[str, int]:
@@ -405,6 +446,10 @@ class _CgroupLimiter(Limiter):
         self._anon_peak = 0
         self._other_max = 0
         self._oom_base = 0
+        self._fds: dict[str, int] = {}
+        self._paths: dict[str, str] = {}
+        self._nested = False
+        self._tree_peak = 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         # A quota above the host's cores would not limit anything; cap it there.
         self._quota_us = max(1000, int(min(vcpus, float(cores)) * CFS_PERIOD_US))
@@ -424,6 +469,55 @@ class _CgroupLimiter(Limiter):
 
     @abc.abstractmethod
     def _create(self) -> None: ...
+
+    # Hot path: an invocation reads a few of these files at its start and end, so their
+    # descriptors stay open and are re-read with pread (a cgroup file re-reads from offset 0).
+    def _rd(self, path: Path | str) -> bytes:
+        key = str(path)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[key] = fd
+        try:
+            return os.pread(fd, 65536, 0)
+        except OSError:
+            self._drop_fd(key)
+            raise
+
+    def _drop_fd(self, key: str) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _mp(self, name: str) -> str:
+        """Path of a file in the memory cgroup, as a cached string (pathlib is slow here)."""
+        key = "p:" + name
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = os.path.join(self._mem, name)
+        return path
+
+    def _wr(self, name: str, value: bytes) -> None:
+        """Write a memory-cgroup control file through a kept-open descriptor."""
+        key = "w:" + name
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = os.open(self._mp(name), os.O_WRONLY | os.O_CLOEXEC)
+            self._fds[key] = fd
+        os.write(fd, value)
+
+    def _rd_int(self, path: Path | str) -> int:
+        return int(self._rd(path).split()[0])
+
+    def _rd_kv(self, path: Path | str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            for line in self._rd(path).splitlines():
+                key, _, value = line.partition(b" ")
+                with contextlib.suppress(ValueError):
+                    out[key.decode()] = int(value)
+        return out
 
     @abc.abstractmethod
     def _usage_split(self) -> tuple[int, int]:
@@ -475,15 +569,37 @@ class _CgroupLimiter(Limiter):
         """Every process in the environment's cgroup (zombies are not listed by the kernel)."""
         if self._closed:
             return []
-        return sorted(set(_procs_under(self._mem)))
+        if self._nested:  # the environment made cgroups of its own: walk them all
+            return sorted(set(_procs_under(self._mem)))
+        try:
+            # Opened afresh each time: v1 caches a pid list per open file of cgroup.procs.
+            fd = os.open(self._mp("cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, 1 << 20)
+            finally:
+                os.close(fd)
+            return [int(x) for x in data.split()]
+        except (OSError, ValueError):
+            return sorted(set(_procs_under(self._mem)))
+
+    def _tree_bytes(self, pids: list[int]) -> int:
+        if len(pids) == 1:  # the common case, on the hot path: one runtime process, RSS
+            try:
+                return int(self._rd(f"/proc/{pids[0]}/statm").split()[1]) * _PAGE
+            except (OSError, ValueError, IndexError):
+                self._drop_fd(f"/proc/{pids[0]}/statm")
+        return tree_bytes(pids)
 
     def reset_peak(self) -> None:
         """Restart the kernel's high-water mark and the OOM counter baseline."""
+        # A cgroup directory's link count is 2 + its subdirectories: nested cgroups show there.
+        self._nested = os.stat(self._mp(".")).st_nlink > 2
         self._oom_base = self._oom_count()
         self._reset_kernel_peak()
-        anon, other = self._usage_split()
-        self._anon_peak, self._other_max = anon, other
-        self._tree_peak = tree_bytes(self.pids())
+        # Samples start at zero: the end-of-invocation sample and the kernel's high-water mark
+        # (reset just now) cover an invocation too short to be polled.
+        self._anon_peak, self._other_max = 0, 0
+        self._tree_peak = 0
 
     @abc.abstractmethod
     def _reset_kernel_peak(self) -> None: ...
@@ -493,13 +609,14 @@ class _CgroupLimiter(Limiter):
         anon, other = self._usage_split()
         self._anon_peak = max(self._anon_peak, anon)
         self._other_max = max(self._other_max, other)
-        self._tree_peak = max(self._tree_peak, tree_bytes(self.pids()))
+        self._tree_peak = max(self._tree_peak, self._tree_bytes(self.pids()))
 
     def peak_bytes(self) -> int:
         """max(sampled anon+shmem, kernel peak - largest sampled cache, sampled tree RSS/PSS)."""
         anon, other = self._usage_split()  # the end of the invocation is a sample too
         anon_peak = max(self._anon_peak, anon)
         other_max = max(self._other_max, other)
+        self._tree_peak = max(self._tree_peak, self._tree_bytes(self.pids()))
         best = max(anon_peak, self._tree_peak)
         kernel = self._kernel_peak()
         if kernel is not None:
@@ -519,6 +636,8 @@ class _CgroupLimiter(Limiter):
         self._remove_dirs()
 
     def _remove_dirs(self) -> None:
+        for key in list(self._fds):
+            self._drop_fd(key)
         deadline = time.monotonic() + KILL_WAIT_S
         for path in self._dirs:
             _rmdir_tree(path, deadline)
@@ -555,27 +674,25 @@ class CgroupV1Limiter(_CgroupLimiter):
         self._vanished = False
 
     def _usage_split(self) -> tuple[int, int]:
-        stat = _read_kv(self._mem / "memory.stat")
-        anon = stat.get("total_rss", stat.get("rss", 0)) + stat.get(
-            "total_shmem", stat.get("shmem", 0)
-        )
+        stat = self._rd(self._mp("memory.stat"))
+        anon = _stat_value(stat, b"total_rss") + _stat_value(stat, b"total_shmem")
         try:
-            usage = _read_int(self._mem / "memory.usage_in_bytes")
+            usage = self._rd_int(self._mp("memory.usage_in_bytes"))
         except (OSError, ValueError):
             usage = anon
         return anon, max(0, usage - anon)
 
     def _kernel_peak(self) -> int | None:
         try:
-            return _read_int(self._mem / "memory.max_usage_in_bytes")
+            return self._rd_int(self._mp("memory.max_usage_in_bytes"))
         except (OSError, ValueError):
             return None
 
     def _reset_kernel_peak(self) -> None:
         with contextlib.suppress(OSError):
-            _write(self._mem / "memory.max_usage_in_bytes", "0")  # resets it to current usage
+            self._wr("memory.max_usage_in_bytes", b"0")  # resets it to current usage
         with contextlib.suppress(OSError, ValueError):
-            self._failcnt_base = _read_int(self._mem / "memory.failcnt")
+            self._failcnt_base = self._rd_int(self._mp("memory.failcnt"))
         self._seen = set(self.pids())
         self._vanished = False
 
@@ -588,7 +705,10 @@ class CgroupV1Limiter(_CgroupLimiter):
             self._seen |= now
 
     def _oom_count(self) -> int:
-        return _read_kv(self._mem / "memory.oom_control").get("oom_kill", 0)
+        try:
+            return _stat_value(self._rd(self._mp("memory.oom_control")), b"oom_kill")
+        except OSError:
+            return 0
 
     def oom_killed(self) -> bool:
         """oom_control's oom_kill grew; before Linux 4.13: the limit was hit and a process died."""
@@ -651,10 +771,10 @@ class CgroupV2Limiter(_CgroupLimiter):
         self._peak_fd: int | None = None
 
     def _usage_split(self) -> tuple[int, int]:
-        stat = _read_kv(self._mem / "memory.stat")
+        stat = self._rd_kv(self._mp("memory.stat"))
         anon = stat.get("anon", 0) + stat.get("shmem", 0)
         try:
-            usage = _read_int(self._mem / "memory.current")
+            usage = self._rd_int(self._mp("memory.current"))
         except (OSError, ValueError):
             usage = anon
         return anon, max(0, usage - anon)
@@ -684,7 +804,7 @@ class CgroupV2Limiter(_CgroupLimiter):
             return None
 
     def _oom_count(self) -> int:
-        return _read_kv(self._mem / "memory.events").get("oom_kill", 0)
+        return self._rd_kv(self._mp("memory.events")).get("oom_kill", 0)
 
     def kill_all(self) -> None:
         """cgroup.kill where the kernel has it (5.14+); else freeze, SIGKILL all, thaw."""
