@@ -185,6 +185,7 @@ def test_tmp_survives_sigkill_and_a_new_environment_starts_empty(make_store: Any
     crashed = Env(store.spec, _write_state_then_hang)
     crashed.entered()
     assert crashed.recv() == "written"
+    assert crashed.proc.pid is not None
     os.kill(crashed.proc.pid, signal.SIGKILL)  # timeout / OOM: the tree is killed
     crashed.join()
     # The re-initialised runtime enters with the SAME spec; enter() waits for the old loop device.
@@ -265,6 +266,8 @@ def test_efs_host_directory_is_bind_mounted(make_store: Any, tmp_path: Path) -> 
     assert resolved == "/mnt/efs"
     assert not mnt_writable and mnt_entries == ["efs"]
     assert (host / "from-env.txt").read_text() == "written inside"
+    with open("/proc/self/mountinfo") as f:  # nothing leaked into the host's mount table
+        assert not [line for line in f if "/mnt/efs" in line.split()[4]]
 
 
 def _concurrent_body(barrier: Any) -> Callable[[Connection], None]:
@@ -311,9 +314,7 @@ def _wait_for_exit(conn: Connection) -> None:
 
 @pytest.mark.root
 @needs_loop
-def test_an_image_is_never_mounted_twice(
-    make_store: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_image_is_never_mounted_twice(make_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     store = make_store(512)
     first = Env(store.spec, _wait_for_exit)
     first.entered()
@@ -445,12 +446,14 @@ def test_usage_counts_hard_links_once_and_nested_dirs(make_store: Any) -> None:
 def test_auto_degrades_visibly_and_strict_refuses(
     make_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sandbox, "_loop_ext4_support", lambda: (False, "mount namespaces need root"))
+    monkeypatch.setattr(
+        sandbox, "_loop_ext4_support", lambda: (False, "mount namespaces need root")
+    )
     store = make_store(512, isolation="auto")
     assert store.spec.tmp_mode == "watched-dir" and store.spec.efs_mode == "env"
     assert store.mechanisms["tmp"] == "watched-dir"
     assert "mount namespaces need root" in store.mechanisms["reason"]
-    with pytest.raises(IsolationUnavailable, match="isolation='strict'.*need root"):
+    with pytest.raises(IsolationUnavailable, match=r"isolation='strict'.*need root"):
         make_store(512, isolation="strict")
 
 
@@ -484,3 +487,30 @@ def test_namespace_probe_reports_a_reason() -> None:
     ok, reason = sandbox.host_supports_namespaces()
     assert isinstance(ok, bool) and reason
     assert sandbox.host_supports_namespaces() == (ok, reason)  # cached
+
+
+def _enter_with_a_thread(conn: Connection, spec: sandbox.SandboxSpec) -> None:
+    import threading
+
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
+    try:
+        sandbox.enter(spec)
+        conn.send("entered")
+    except OSError as exc:
+        conn.send(str(exc))
+    finally:
+        stop.set()
+        os._exit(0)
+
+
+@pytest.mark.root
+@needs_loop
+def test_enter_refuses_a_threaded_process(make_store: Any) -> None:
+    store = make_store(512)
+    parent, child = _CTX.Pipe()
+    proc = _CTX.Process(target=_enter_with_a_thread, args=(child, store.spec))
+    proc.start()
+    assert parent.poll(30)
+    assert "before the process starts threads" in parent.recv()
+    proc.join(30)
