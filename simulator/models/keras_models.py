@@ -16,12 +16,14 @@ No download is ever attempted: the VGG19 base is built with ``weights=None`` and
 "notop" file is loaded from the local Keras cache (``$KERAS_HOME/models`` or
 ``~/.keras/models``) or from ``weights_path``. Without it the base is random (with a warning).
 
-Memory, measured with psutil RSS on a 2-core x86-64 Linux box, TensorFlow 2.21 CPU: importing
-TensorFlow costs ~0.6 GB; VGG19 at 224x224 with batch 8 peaks at ~1.6 GB RSS during a
-loss_and_grad_sum (weights 80 MB; the forward pass holds a few hundred MB of activations; the
-frozen base records nothing on the tape). The thesis saw the same workload fail below ~5 GB on
-Lambda, where Keras' fit loop, the optimiser and the libraries on EFS add to this; Lambda's
-memory setting also buys CPU (1,769 MB = 1 vCPU), so a bigger setting is faster as well.
+Memory, measured with psutil RSS (sampled every 5 ms) on a 2-core x86-64 Linux box with
+TensorFlow 2.21 CPU: importing TensorFlow costs ~0.6 GB; building VGG19 at 224x224 adds ~0.1 GB
+(20 M frozen parameters, 80 MB); a loss_and_grad_sum with batch 8 peaks at ~1.0 GB RSS in all and
+takes ~1.5 s. The frozen base records nothing on the tape, so only the forward activations of
+one batch are live. The thesis saw the same workload fail below ~5 GB on Lambda, where Keras'
+fit loop and optimiser state, the libraries loaded from EFS and the runtime add to this; so
+~1 GB here is a floor, not a promise. Lambda's memory setting also buys CPU (1,769 MB = 1 vCPU),
+so a larger setting is faster as well.
 """
 
 from __future__ import annotations
