@@ -13,8 +13,9 @@ followed by a clipped log). The trainable weights are the same as those of a
 ``Dense(num_classes, activation="softmax")`` head: its kernel and bias.
 
 No download is ever attempted: the VGG19 base is built with ``weights=None`` and the ImageNet
-"notop" file is loaded from the local Keras cache (``$KERAS_HOME/models`` or
-``~/.keras/models``) or from ``weights_path``. Without it the base is random (with a warning).
+"notop" file is loaded from the local Keras cache (``$KERAS_HOME/models``, else
+``~/.keras/models`` or ``/tmp/.keras/models``) or from ``weights_path``. Without it the base is
+random from the constructor's seed (with a warning), identical in every process.
 
 Memory, measured with psutil RSS (sampled every 5 ms) on a 2-core x86-64 Linux box with
 TensorFlow 2.21 CPU: importing TensorFlow costs ~0.6 GB; building VGG19 at 224x224 adds ~0.1 GB
