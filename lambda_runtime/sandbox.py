@@ -422,6 +422,9 @@ def _attach_loop(image_fd: int, image: str) -> tuple[int, str]:
 class TmpStore:
     """Parent side of one execution environment's /tmp: creates it, measures it, deletes it."""
 
+    spec: SandboxSpec
+    mechanisms: dict[str, str]
+
     def __init__(
         self,
         env_dir: Path,
@@ -445,10 +448,8 @@ class TmpStore:
             )
         mounts: dict[str, str] = {}
         for mount, host in efs.items():
-            if not re.fullmatch(quotas.EFS_MOUNT_PATH_PATTERN, mount) or mount in (
-                "/mnt/.",
-                "/mnt/..",
-            ):
+            bad = mount.endswith(("/.", "/..")) if isinstance(mount, str) else True
+            if bad or not re.fullmatch(quotas.EFS_MOUNT_PATH_PATTERN, mount):
                 raise ConfigError("efs", f"mount path must look like /mnt/<name>, got {mount!r}")
             mounts[mount] = str(Path(host).resolve())
         if isolation == "portable":
@@ -478,7 +479,8 @@ class TmpStore:
             self.mechanisms = {"tmp": "loop-ext4", "efs": "bind-mount" if mounts else "none"}
         else:
             path = env_dir / _DIR_NAME
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.rmtree(path, ignore_errors=True)  # a new environment starts with an empty /tmp
+            path.mkdir(mode=0o700)
             self.spec = SandboxSpec(env_id, ephemeral_mb, "watched-dir", str(path), mounts, "env")
             self.mechanisms = {
                 "tmp": "watched-dir",

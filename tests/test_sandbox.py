@@ -514,3 +514,22 @@ def test_enter_refuses_a_threaded_process(make_store: Any) -> None:
     assert parent.poll(30)
     assert "before the process starts threads" in parent.recv()
     proc.join(30)
+
+
+@pytest.mark.root
+@needs_loop
+def test_mount_command_is_the_fallback_when_loop_ioctls_fail(
+    make_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_ioctls(image_fd: int, image: str) -> tuple[int, str]:
+        raise OSError(errno.ENOTTY, "loop ioctls unavailable (test)")
+
+    monkeypatch.setattr(sandbox, "_attach_loop", no_ioctls)  # inherited by the forked child
+    store = make_store(512)
+    env = Env(store.spec, _describe_tmp)
+    env.entered()
+    inside = env.recv()
+    env.join()
+    assert " ext4 /dev/loop" in inside["mount"]
+    assert 512 * MiB <= inside["free"] <= 512 * MiB * 1.01
+    store.wait_released()  # util-linux sets autoclear for -o loop, so the device went away
