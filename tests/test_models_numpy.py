@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -37,7 +35,7 @@ MODELS = st.sampled_from(
 
 
 def test_registry_builds_each_name_and_rejects_unknown_names_listing_allowed_ones():
-    assert set(MODEL_NAMES) == {"softmax", "mlp"}
+    assert set(MODEL_NAMES) == {"softmax", "mlp", "cnn", "vgg19"}
     softmax = get_model("softmax", input_shape=(64,), num_classes=10)
     mlp = get_model("mlp", input_shape=(8, 8), num_classes=10, hidden=(32, 16))
     assert isinstance(softmax, SoftmaxRegression) and isinstance(softmax, Model)
@@ -45,8 +43,8 @@ def test_registry_builds_each_name_and_rejects_unknown_names_listing_allowed_one
     assert (softmax.name, mlp.name) == ("softmax", "mlp")
     assert mlp.input_shape == (8, 8) and mlp.num_classes == 10
     with pytest.raises(ValueError, match="'softmax', 'mlp'") as exc:
-        get_model("vgg19")
-    assert "vgg19" in str(exc.value)
+        get_model("resnet")
+    assert "vgg19" in str(exc.value) and "softmax" in str(exc.value)
 
 
 @pytest.mark.parametrize(
@@ -249,20 +247,3 @@ def test_mlp_learns_what_softmax_regression_cannot():
             weights, velocity, _ = combine_gradient_averaging(weights, velocity, [c], sgd)
         results[model.name] = model.evaluate(weights, x[1000:], y[1000:])[1]
     assert results["mlp"] > 0.9 and results["softmax"] < 0.8, results
-
-
-def test_an_mlp_step_on_64_digits_sized_samples_takes_well_under_a_few_milliseconds():
-    model = MLP((64,), 10, hidden=(64,))
-    w = model.init_weights(0)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 16, (64, 64)).astype(np.float32)
-    y = rng.integers(0, 10, 64)
-    sgd = SGDConfig(lr=0.01)
-    times = []
-    for _ in range(60):
-        start = time.perf_counter()
-        c = gradient_contribution(model, w, [(x, y)], worker=0)
-        combine_gradient_averaging(w, None, [c], sgd)
-        times.append(time.perf_counter() - start)
-    # ~0.15 ms on one core here; the median and a 10 ms bound keep a loaded CI machine green.
-    assert float(np.median(times)) < 0.010
