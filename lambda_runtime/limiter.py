@@ -26,7 +26,12 @@ report is the largest of three measurements, all taken since ``reset_peak()``:
    a freshly forked or exec'd environment truthful: its interpreter's pages were charged to the
    parent's cgroup before ``attach()``, so the cgroup alone would say ~2 MB where Lambda reports
    ~30-40 MB for a Python handler.
-The sampling limiter reports measurement 3 only.
+4. the kernel's peak resident set of the runtime process (VmHWM in /proc/<pid>/status, reset
+   through /proc/<pid>/clear_refs at the start of each invocation) when the tree is that one
+   process: the kernel tracks it on every page fault, so a spike that came and went between two
+   samples still counts. (Summed over a tree it would double-count shared pages, so it is used
+   only for a lone process.)
+The sampling limiter reports measurements 3 and 4.
 """
 
 from __future__ import annotations
@@ -169,6 +174,38 @@ def _process_bytes(pid: int, proportional: bool) -> int:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.Error, OSError):
         return 0
+
+
+def reset_high_water(pids: Iterable[int]) -> None:
+    """Restart each process's peak resident set (VmHWM) — Linux 4.0+ `clear_refs` value 5."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+            try:
+                os.write(fd, b"5")
+            finally:
+                os.close(fd)
+
+
+def high_water_bytes(pids: Iterable[int]) -> int:
+    """Sum of the processes' peak resident sets since reset_high_water (0 without /proc).
+
+    The kernel keeps this peak itself, so an allocation spike between two samples still counts;
+    for a tree it over-counts pages the processes share, which is why it is exact for the
+    common one-process environment and an upper bound otherwise.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue
+        at = status.find(b"VmHWM:")
+        if at >= 0:
+            with contextlib.suppress(ValueError, IndexError):
+                total += int(status[at + 6 : status.find(b"\n", at)].split()[0]) * 1024
+    return total
 
 
 def tree_bytes(pids: list[int]) -> int:
@@ -326,7 +363,9 @@ class SamplingLimiter(Limiter):
     def reset_peak(self) -> None:
         """Start of an invocation."""
         self._oom = False
-        self._tree_peak = tree_bytes(self.pids_cached())
+        pids = self.pids_cached()
+        reset_high_water(pids)
+        self._tree_peak = tree_bytes(pids)
 
     def poll(self) -> None:
         """Sample the tree's memory; SIGKILL the whole tree when it exceeds the limit."""
@@ -339,8 +378,13 @@ class SamplingLimiter(Limiter):
     def peak_bytes(self) -> int:
         """Largest sampled memory of the tree since reset_peak(), the end included."""
         if self._root is not None:
-            self._tree_peak = max(self._tree_peak, tree_bytes(self.pids_cached()))
+            pids = self._pids_cache or self.pids_cached()
+            self._tree_peak = max(self._tree_peak, tree_bytes(pids), self._hwm(pids))
         return self._tree_peak
+
+    def _hwm(self, pids: list[int]) -> int:
+        # Only for a lone process: summed over a tree the peaks double-count shared pages.
+        return high_water_bytes(pids) if len(pids) == 1 else 0
 
     def oom_killed(self) -> bool:
         """True when a poll found the tree past the limit and killed it."""
@@ -600,6 +644,7 @@ class _CgroupLimiter(Limiter):
         # (reset just now) cover an invocation too short to be polled.
         self._anon_peak, self._other_max = 0, 0
         self._tree_peak = 0
+        reset_high_water(self.pids())
 
     @abc.abstractmethod
     def _reset_kernel_peak(self) -> None: ...
@@ -616,7 +661,10 @@ class _CgroupLimiter(Limiter):
         anon, other = self._usage_split()  # the end of the invocation is a sample too
         anon_peak = max(self._anon_peak, anon)
         other_max = max(self._other_max, other)
-        self._tree_peak = max(self._tree_peak, self._tree_bytes(self.pids()))
+        pids = self.pids()
+        self._tree_peak = max(self._tree_peak, self._tree_bytes(pids))
+        if len(pids) == 1:  # the kernel's own peak RSS of the lone runtime process
+            self._tree_peak = max(self._tree_peak, high_water_bytes(pids))
         best = max(anon_peak, self._tree_peak)
         kernel = self._kernel_peak()
         if kernel is not None:
