@@ -276,6 +276,7 @@ def _prepare_process(spec: BootSpec) -> None:
     extra_env: dict[str, str] = {}
     # Before the sandbox may mount over /tmp: the task root and the clock page can live there.
     os.chdir(spec.task_root)
+    root_fd = os.open(spec.task_root, os.O_RDONLY | os.O_DIRECTORY)
     global _CLOCK
     _CLOCK = ClockPage(spec.clock_page)
     if spec.sandbox is not None:
@@ -286,8 +287,13 @@ def _prepare_process(spec: BootSpec) -> None:
     os.environ.clear()
     os.environ.update(spec.environ)
     os.environ.update(extra_env)
-    # A task root hidden by the new /tmp stays reachable through the working directory.
-    sys.path.insert(0, spec.task_root if os.path.isdir(spec.task_root) else "")
+    if os.path.isdir(spec.task_root):
+        os.close(root_fd)
+        sys.path.insert(0, spec.task_root)
+    else:
+        # The task root lives under a path the sandbox covered (e.g. the host's /tmp): reach it
+        # through the descriptor opened before, a magic link that ignores what is mounted over.
+        sys.path.insert(0, f"/proc/self/fd/{root_fd}")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_LIMIT, NOFILE_LIMIT))
     except (ValueError, OSError):
