@@ -73,5 +73,12 @@ RESERVED_ENV_VARS = frozenset(
 
 
 def vcpus_for_memory(memory_mb: int) -> float:
-    """CPU share Lambda grants for a memory size: 1,769 MB buys one vCPU, capped at six."""
-    return min(memory_mb / MB_PER_VCPU, float(MAX_VCPUS))
+    """CPU share Lambda grants for a memory size: 1,769 MB buys one vCPU; 10,240 MB buys six.
+
+    Linear at 1,769 MB per vCPU up to five vCPUs (8,845 MB); from there AWS's top size still
+    gets six, so the last stretch is interpolated to reach 6.0 at 10,240 MB.
+    """
+    five = 5 * MB_PER_VCPU
+    if memory_mb <= five:
+        return memory_mb / MB_PER_VCPU
+    return min(5.0 + (memory_mb - five) / (MEMORY_MAX_MB - five), float(MAX_VCPUS))
