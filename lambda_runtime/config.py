@@ -168,7 +168,8 @@ class FunctionConfig:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Knobs of the local service. `time_scale` multiplies Lambda's async retry delays."""
+    """Knobs of the local service. `time_scale` multiplies Lambda's async timings (retry delays
+    and maximum event age); `idle_timeout_s` is how long an idle environment lives."""
 
     run_dir: Path
     account_concurrency: int = quotas.ACCOUNT_CONCURRENCY_DEFAULT

@@ -298,7 +298,9 @@ class ExecutionEnvironment(abc.ABC):
             status = "error"
         self._kill()
         self.runtime_ready = False
-        self.log.write(logs.format_init_report(init_ms, phase, status, error.get("errorType")))
+        # A timed-out init is reported by status alone; a failed one names its error type.
+        error_type = None if status == "timeout" else error.get("errorType")
+        self.log.write(logs.format_init_report(init_ms, phase, status, error_type))
         return init_ms, error, status
 
     def invoke(self, req: InvocationRequest) -> InvocationOutcome:

@@ -408,3 +408,44 @@ def test_handler_fans_out_with_unmodified_boto3(svc, tmp_path):
     assert out.json() == [202, 202, 202]
     assert svc.wait_idle(30)
     assert sorted(int(p.name.split("-")[0]) for p in (tmp_path / "efs").iterdir()) == [0, 1, 2]
+
+
+def test_async_event_past_its_max_age_is_dropped(svc):
+    # Reserved concurrency 0 throttles every delivery; at time_scale 0.001 the 60 s maximum
+    # age passes in 60 ms and the event goes to the on-failure destination.
+    svc.register(fn(handler="handler.noop", reserved_concurrency=0, max_event_age_s=60))
+    result = svc.invoke("fn", {"late": True}, invocation_type="Event")
+    assert svc.wait_idle(30)
+    record = json.loads((svc.run_dir / "destinations" / "fn.on-failure.jsonl").read_text())
+    assert record["requestContext"]["condition"] == "EventAgeExceeded"
+    assert record["requestContext"]["requestId"] == result.request_id
+    assert record["requestContext"]["approximateInvokeCount"] == 0
+    assert record["requestPayload"] == {"late": True}
+    assert svc.ledger.records("fn") == []
+
+
+def test_account_concurrency_limit_throttles_sync(make_service, backend):
+    svc = make_service("portable" if backend == "portable" else "auto", account_concurrency=1)
+    svc.register(fn(handler="handler.sleep", timeout_s=10))
+    import threading
+    import time
+
+    t = threading.Thread(target=svc.invoke, args=("fn", {"seconds": 1.0}))
+    t.start()
+    time.sleep(0.3)
+    with pytest.raises(TooManyRequestsException) as info:
+        svc.invoke("fn", {"seconds": 0})
+    assert info.value.extra["Reason"] == "ConcurrentInvocationLimitExceeded"
+    t.join()
+    assert svc.invoke("fn", {"seconds": 0}).function_error is None
+
+
+@pytest.mark.slow
+def test_init_phase_is_capped_at_ten_seconds(svc):
+    svc.register(fn(handler="slow_init.handler", code_dir=BROKEN_DIR, timeout_s=2))
+    result = svc.invoke("fn", {})
+    assert result.json()["errorType"] == "Sandbox.Timedout"
+    text = all_logs(svc)
+    m = re.search(r"INIT_REPORT Init Duration: (\d+\.\d\d) ms\tPhase: init\tStatus: timeout\n", text)
+    assert m and 10_000 <= float(m[1]) < 10_500
+    assert re.search(rf"REPORT RequestId: {result.request_id}\t.*\tStatus: timeout\n", text)
