@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # not `typing`: the runtime of every cold start imports this package
 if TYPE_CHECKING:
+    from typing import Any
+
     from lambda_runtime.config import FunctionConfig, ServiceSettings
     from lambda_runtime.errors import (
         ConfigError,

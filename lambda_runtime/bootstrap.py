@@ -8,7 +8,6 @@ so keep its imports light.
 
 from __future__ import annotations
 
-import decimal
 import importlib
 import io
 import json
@@ -21,8 +20,10 @@ import socket
 import struct
 import sys
 import time
-import traceback
-from typing import Any
+
+TYPE_CHECKING = False  # no `typing` import: this module is on every cold start's path
+if TYPE_CHECKING:
+    from typing import Any
 
 from lambda_runtime.context import ClockPage, LambdaContext
 
@@ -115,7 +116,7 @@ class BootSpec:
         task_root: str,
         environ: dict[str, str],
         clock_page: str,
-        sandbox: Any,  # lambda_runtime.sandbox.SandboxSpec, or None for no sandbox
+        sandbox: Any,  # lambda_runtime.namespace.SandboxSpec, or None for no sandbox
         timeout_ms: int,
     ) -> None:
         self.env_id = env_id
@@ -158,6 +159,8 @@ def make_error(
 
 def _user_frames(tb: Any) -> list[str]:
     """Format a traceback without this module's own frames (AWS drops bootstrap.py frames)."""
+    import traceback
+
     frames = traceback.extract_tb(tb)
     me = __file__
     for i, frame in enumerate(frames):
@@ -217,7 +220,8 @@ def load_handler(handler: str) -> Any:
 
 class _LambdaJSONEncoder(json.JSONEncoder):
     def default(self, o: Any) -> Any:
-        if isinstance(o, decimal.Decimal):
+        decimal = sys.modules.get("decimal")  # a Decimal exists only if its module was imported
+        if decimal is not None and isinstance(o, decimal.Decimal):
             return float(o) if o != o.to_integral_value() else int(o)
         return super().default(o)
 
@@ -280,9 +284,9 @@ def _prepare_process(spec: BootSpec) -> None:
     global _CLOCK
     _CLOCK = ClockPage(spec.clock_page)
     if spec.sandbox is not None:
-        from lambda_runtime import sandbox
+        from lambda_runtime import namespace
 
-        extra_env = sandbox.enter(spec.sandbox)
+        extra_env = namespace.enter(spec.sandbox)
     _setup_stdio()
     os.environ.clear()
     os.environ.update(spec.environ)

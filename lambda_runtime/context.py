@@ -8,8 +8,10 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+TYPE_CHECKING = False  # no `typing` import: this module is on every cold start's path
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 # Layout of the shared clock page the parent updates while an invocation runs:
 # sequence, Lambda-clock seconds elapsed at the sample, wall time of the sample, Lambda/wall rate.

@@ -523,7 +523,9 @@ class ProcessEnvironment(ExecutionEnvironment):
         log_fd = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_CODE, str(child.fileno())],
+                # -S: no site processing at each cold start; the parent's finished sys.path
+                # (site-packages included) arrives through PYTHONPATH instead.
+                [sys.executable, "-S", "-c", _CHILD_CODE, str(child.fileno())],
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
