@@ -64,9 +64,13 @@ class AsyncQueue:
         self._cond = threading.Condition()
         self._in_flight = 0
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="lambda-async")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="lambda-async"
+        )
         self._dest_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._dispatch, name="lambda-async-dispatch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._dispatch, name="lambda-async-dispatch", daemon=True
+        )
         self._thread.start()
 
     def put(self, function: str, request_id: str, payload: bytes) -> None:
@@ -97,8 +101,14 @@ class AsyncQueue:
     def _dispatch(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (not self._heap or self._heap[0].not_before > time.time()):
-                    wait = 0.05 if not self._heap else min(0.05, self._heap[0].not_before - time.time())
+                while not self._closed and (
+                    not self._heap or self._heap[0].not_before > time.time()
+                ):
+                    wait = (
+                        0.05
+                        if not self._heap
+                        else min(0.05, self._heap[0].not_before - time.time())
+                    )
                     self._cond.wait(max(wait, 0.001))
                 if self._closed:
                     return
@@ -163,7 +173,9 @@ class AsyncQueue:
                 "requestId": event.request_id,
                 "functionArn": f"{arn}:{quotas.FUNCTION_VERSION}",
                 "condition": condition,
-                "approximateInvokeCount": event.attempt if response is not None else event.attempt - 1,
+                "approximateInvokeCount": event.attempt
+                if response is not None
+                else event.attempt - 1,
             },
             "requestPayload": request_payload,
         }

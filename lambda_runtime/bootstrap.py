@@ -92,6 +92,7 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
+
 UNHANDLED_WARNING = (
     "LAMBDA_WARNING: Unhandled exception. The most likely cause is an issue in the function code. "
     "However, in rare cases, a Lambda runtime update can cause unexpected function behavior. "
@@ -107,7 +108,7 @@ UNHANDLED_WARNING = (
 class BootSpec:
     """What the environment process needs before user code runs; sent once at start."""
 
-    __slots__ = ("env_id", "handler", "task_root", "environ", "clock_page", "sandbox", "timeout_ms")
+    __slots__ = ("clock_page", "env_id", "environ", "handler", "sandbox", "task_root", "timeout_ms")
 
     def __init__(
         self,
@@ -161,7 +162,7 @@ def _user_frames(tb: Any) -> list[str]:
     """Format a traceback without this module's own frames (AWS drops bootstrap.py frames)."""
     import traceback
 
-    frames = traceback.extract_tb(tb)
+    frames = list(traceback.extract_tb(tb))
     me = __file__
     for i, frame in enumerate(frames):
         if frame.filename != me:
@@ -193,7 +194,9 @@ def load_handler(handler: str) -> Any:
     try:
         modname, fname = handler.rsplit(".", 1)
     except ValueError as exc:
-        raise FaultError("Runtime.MalformedHandlerName", f"Bad handler '{handler}': {exc}") from None
+        raise FaultError(
+            "Runtime.MalformedHandlerName", f"Bad handler '{handler}': {exc}"
+        ) from None
     if modname.split(".")[0] in sys.builtin_module_names:
         raise FaultError(
             "Runtime.BuiltInModuleConflict",
@@ -338,8 +341,16 @@ def main(conn: Channel, spec: BootSpec) -> None:
             break
         _, request_id, payload, deadline_ms, arn, client_context, trace_id = message
         conn.send(
-            _invoke(handler, request_id, payload, deadline_ms, arn, client_context, trace_id,
-                    lambda: timeout_ms - int(clock.elapsed_s() * 1000))
+            _invoke(
+                handler,
+                request_id,
+                payload,
+                deadline_ms,
+                arn,
+                client_context,
+                trace_id,
+                lambda: timeout_ms - int(clock.elapsed_s() * 1000),
+            )
         )
 
 
@@ -365,7 +376,9 @@ def _invoke(
     except FaultError as exc:
         error = make_error(exc.message, exc.error_type, exc.trace, request_id)
     except Exception as exc:
-        error = make_error(str(exc), type(exc).__name__, _user_frames(exc.__traceback__), request_id)
+        error = make_error(
+            str(exc), type(exc).__name__, _user_frames(exc.__traceback__), request_id
+        )
     sys.stdout.write(_error_log_lines(error))
     return ("error", json.dumps(error).encode(), "application/json")
 

@@ -26,7 +26,9 @@ _RUNTIME = re.compile(r"python3\.\d+")
 
 def _int_in(name: str, value: object, lo: int, hi: int, unit: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be a whole number of {unit} from {lo} to {hi}, got {value!r}")
+        raise ConfigError(
+            name, f"must be a whole number of {unit} from {lo} to {hi}, got {value!r}"
+        )
     if not lo <= value <= hi:
         raise ConfigError(name, f"must be from {lo} to {hi} {unit}, got {value}")
     return value
@@ -96,7 +98,9 @@ class FunctionConfig:
                 "architecture", f"must be 'x86_64' or 'arm64', got {self.architecture!r}"
             )
         if self.runtime is not None and not _RUNTIME.fullmatch(self.runtime):
-            raise ConfigError("runtime", f"must be a Python runtime like 'python3.11', got {self.runtime!r}")
+            raise ConfigError(
+                "runtime", f"must be a Python runtime like 'python3.11', got {self.runtime!r}"
+            )
 
     def _checked_environment(self) -> dict[str, str]:
         if not isinstance(self.environment, Mapping):
@@ -110,7 +114,9 @@ class FunctionConfig:
                     "and use only letters, digits and '_'",
                 )
             if key in quotas.RESERVED_ENV_VARS:
-                raise ConfigError(f"environment[{key!r}]", "is reserved by Lambda and cannot be set")
+                raise ConfigError(
+                    f"environment[{key!r}]", "is reserved by Lambda and cannot be set"
+                )
             if not isinstance(value, str):
                 raise ConfigError(f"environment[{key!r}]", f"must be a string, got {value!r}")
             env[key] = value
@@ -129,7 +135,8 @@ class FunctionConfig:
             raise ConfigError("efs", "must map one mount path '/mnt/<name>' to a host directory")
         if len(self.efs) > quotas.MAX_EFS_MOUNTS:
             raise ConfigError(
-                "efs", f"at most {quotas.MAX_EFS_MOUNTS} file system per function, got {len(self.efs)}"
+                "efs",
+                f"at most {quotas.MAX_EFS_MOUNTS} file system per function, got {len(self.efs)}",
             )
         mounts: dict[str, Path] = {}
         for mount, host in self.efs.items():
@@ -189,7 +196,9 @@ class ServiceSettings:
         if not isinstance(self.idle_timeout_s, (int, float)) or not (
             self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)
         ):
-            raise ConfigError("idle_timeout_s", f"must be a positive number, got {self.idle_timeout_s!r}")
+            raise ConfigError(
+                "idle_timeout_s", f"must be a positive number, got {self.idle_timeout_s!r}"
+            )
         if not isinstance(self.time_scale, (int, float)) or not (
             self.time_scale >= 0 and math.isfinite(self.time_scale)
         ):

@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import time
+
 TYPE_CHECKING = False  # no `typing` import: this module is on every cold start's path
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,11 +39,11 @@ class Client:
     """The `client` part of a mobile client context."""
 
     __slots__ = (
-        "installation_id",
-        "app_title",
-        "app_version_name",
-        "app_version_code",
         "app_package_name",
+        "app_title",
+        "app_version_code",
+        "app_version_name",
+        "installation_id",
     )
 
     def __init__(self, values: dict[str, Any]) -> None:
@@ -53,7 +54,7 @@ class Client:
 class ClientContext:
     """`context.client_context`: set only for sync invokes with X-Amz-Client-Context."""
 
-    __slots__ = ("custom", "env", "client")
+    __slots__ = ("client", "custom", "env")
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.custom = values.get("custom")

@@ -330,69 +330,174 @@ class ExecutionEnvironment(abc.ABC):
             suppressed_ms, init_error, init_status = self._init("invoke", float(fn.timeout_s))
             if init_error is not None:
                 if init_status == "timeout":
-                    return self._finish_timeout(req, start_wall, cold, init_ms, suppressed_ms / 1000,
-                                                log_start)
+                    return self._finish_timeout(
+                        req, start_wall, cold, init_ms, suppressed_ms / 1000, log_start
+                    )
                 payload = dict(init_error)
                 payload.setdefault("requestId", "")
                 payload.setdefault("stackTrace", [])
-                ordered = {k: payload[k] for k in ("errorMessage", "errorType", "requestId", "stackTrace")}
-                return self._finish(req, start_wall, cold, init_ms, suppressed_ms, json.dumps(ordered).encode(),
-                                    "error", init_error["errorType"], log_start, report_error=True)
+                ordered = {
+                    k: payload[k] for k in ("errorMessage", "errorType", "requestId", "stackTrace")
+                }
+                return self._finish(
+                    req,
+                    start_wall,
+                    cold,
+                    init_ms,
+                    suppressed_ms,
+                    json.dumps(ordered).encode(),
+                    "error",
+                    init_error["errorType"],
+                    log_start,
+                    report_error=True,
+                )
         remaining_s = fn.timeout_s - suppressed_ms / 1000.0
         deadline_ms = int((time.time() + remaining_s) * 1000)
         self._meters_start()
         self._publish_clock(suppressed_ms / 1000.0, 1.0)
-        self._send(("invoke", req.request_id, req.payload, deadline_ms, req.invoked_arn,
-                    req.client_context, _trace_id()))
+        self._send(
+            (
+                "invoke",
+                req.request_id,
+                req.payload,
+                deadline_ms,
+                req.invoked_arn,
+                req.client_context,
+                _trace_id(),
+            )
+        )
         message, elapsed, failure = self._phase_wait(remaining_s)
         duration_ms = suppressed_ms + elapsed * 1000.0
         if failure == "timeout":
-            return self._finish_timeout(req, start_wall, cold, init_ms, duration_ms / 1000, log_start)
+            return self._finish_timeout(
+                req, start_wall, cold, init_ms, duration_ms / 1000, log_start
+            )
         if failure is not None:
             self.runtime_ready = False
             exitcode = self._exitcode(wait_s=1.0) if failure == "crash" else None
             self._kill()
             if failure == "oom":
-                body = {"errorType": "Runtime.ExitError",
-                        "errorMessage": f"RequestId: {req.request_id} Error: Runtime exited with error: signal: killed"}
-                return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
-                                    "oom", "Runtime.OutOfMemory", log_start, report_error=True)
+                body = {
+                    "errorType": "Runtime.ExitError",
+                    "errorMessage": f"RequestId: {req.request_id} Error: Runtime exited with error: signal: killed",
+                }
+                return self._finish(
+                    req,
+                    start_wall,
+                    cold,
+                    init_ms,
+                    duration_ms,
+                    json.dumps(body).encode(),
+                    "oom",
+                    "Runtime.OutOfMemory",
+                    log_start,
+                    report_error=True,
+                )
             if failure == "tmp":
                 cap = fn.ephemeral_mb
-                body = {"errorType": "Runtime.ExitError",
-                        "errorMessage": f"RequestId: {req.request_id} Error: /tmp use exceeded the "
-                        f"configured ephemeral storage of {cap} MB (watched directory; Lambda "
-                        "would have failed the write with ENOSPC)"}
-                return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
-                                    "crash", "Runtime.ExitError", log_start, report_error=True)
-            body = {"errorType": "Runtime.ExitError",
-                    "errorMessage": f"RequestId: {req.request_id} Error: {_exit_reason(exitcode)}"}
-            return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
-                                "crash", "Runtime.ExitError", log_start, report_error=True)
+                body = {
+                    "errorType": "Runtime.ExitError",
+                    "errorMessage": f"RequestId: {req.request_id} Error: /tmp use exceeded the "
+                    f"configured ephemeral storage of {cap} MB (watched directory; Lambda "
+                    "would have failed the write with ENOSPC)",
+                }
+                return self._finish(
+                    req,
+                    start_wall,
+                    cold,
+                    init_ms,
+                    duration_ms,
+                    json.dumps(body).encode(),
+                    "crash",
+                    "Runtime.ExitError",
+                    log_start,
+                    report_error=True,
+                )
+            body = {
+                "errorType": "Runtime.ExitError",
+                "errorMessage": f"RequestId: {req.request_id} Error: {_exit_reason(exitcode)}",
+            }
+            return self._finish(
+                req,
+                start_wall,
+                cold,
+                init_ms,
+                duration_ms,
+                json.dumps(body).encode(),
+                "crash",
+                "Runtime.ExitError",
+                log_start,
+                report_error=True,
+            )
         assert message is not None
         kind, body_bytes, content_type = message
         if kind == "ok":
-            if len(body_bytes) > quotas.SYNC_RESPONSE_MAX_BYTES and req.invocation_type == "RequestResponse":
-                body = {"errorMessage": "Response payload size exceeded maximum allowed payload size "
-                        f"({quotas.SYNC_RESPONSE_MAX_BYTES} bytes).",
-                        "errorType": "Function.ResponseSizeTooLarge"}
-                return self._finish(req, start_wall, cold, init_ms, duration_ms, json.dumps(body).encode(),
-                                    "error", "Function.ResponseSizeTooLarge", log_start, report_error=True)
-            return self._finish(req, start_wall, cold, init_ms, duration_ms, body_bytes, "success", None,
-                                log_start, content_type=content_type)
+            if (
+                len(body_bytes) > quotas.SYNC_RESPONSE_MAX_BYTES
+                and req.invocation_type == "RequestResponse"
+            ):
+                body = {
+                    "errorMessage": "Response payload size exceeded maximum allowed payload size "
+                    f"({quotas.SYNC_RESPONSE_MAX_BYTES} bytes).",
+                    "errorType": "Function.ResponseSizeTooLarge",
+                }
+                return self._finish(
+                    req,
+                    start_wall,
+                    cold,
+                    init_ms,
+                    duration_ms,
+                    json.dumps(body).encode(),
+                    "error",
+                    "Function.ResponseSizeTooLarge",
+                    log_start,
+                    report_error=True,
+                )
+            return self._finish(
+                req,
+                start_wall,
+                cold,
+                init_ms,
+                duration_ms,
+                body_bytes,
+                "success",
+                None,
+                log_start,
+                content_type=content_type,
+            )
         error_type = json.loads(body_bytes).get("errorType") or "Unhandled"
-        return self._finish(req, start_wall, cold, init_ms, duration_ms, body_bytes, "error", error_type,
-                            log_start)
+        return self._finish(
+            req, start_wall, cold, init_ms, duration_ms, body_bytes, "error", error_type, log_start
+        )
 
-    def _finish_timeout(self, req: InvocationRequest, start_wall: float, cold: bool,
-                        init_ms: float | None, elapsed_s: float, log_start: int) -> InvocationOutcome:
+    def _finish_timeout(
+        self,
+        req: InvocationRequest,
+        start_wall: float,
+        cold: bool,
+        init_ms: float | None,
+        elapsed_s: float,
+        log_start: int,
+    ) -> InvocationOutcome:
         self.runtime_ready = False
         self._kill()
         self.log.write(logs.format_timeout_line(time.time(), req.request_id, elapsed_s))
-        body = {"errorType": "Sandbox.Timedout",
-                "errorMessage": logs.timeout_error_message(req.request_id, elapsed_s)}
-        return self._finish(req, start_wall, cold, init_ms, elapsed_s * 1000.0, json.dumps(body).encode(),
-                            "timeout", "Sandbox.Timedout", log_start, report_status="timeout")
+        body = {
+            "errorType": "Sandbox.Timedout",
+            "errorMessage": logs.timeout_error_message(req.request_id, elapsed_s),
+        }
+        return self._finish(
+            req,
+            start_wall,
+            cold,
+            init_ms,
+            elapsed_s * 1000.0,
+            json.dumps(body).encode(),
+            "timeout",
+            "Sandbox.Timedout",
+            log_start,
+            report_status="timeout",
+        )
 
     def _finish(
         self,
@@ -418,8 +523,16 @@ class ExecutionEnvironment(abc.ABC):
         if report_status is None and report_error:
             report_status = "error"
         self.log.write(
-            logs.format_report(req.request_id, duration_ms, billed, fn.memory_mb, max_mem_mb, init_ms,
-                               report_status, error_type if report_status == "error" else None)
+            logs.format_report(
+                req.request_id,
+                duration_ms,
+                billed,
+                fn.memory_mb,
+                max_mem_mb,
+                init_ms,
+                report_status,
+                error_type if report_status == "error" else None,
+            )
         )
         end = time.time()
         record = InvocationRecord(
@@ -493,15 +606,22 @@ class ProcessEnvironment(ExecutionEnvironment):
 
     backend_name = "process"
 
-    def __init__(self, fn: FunctionConfig, settings: ServiceSettings, env_id: str,
-                 endpoint: str | None) -> None:
+    def __init__(
+        self, fn: FunctionConfig, settings: ServiceSettings, env_id: str, endpoint: str | None
+    ) -> None:
         super().__init__(fn, settings, env_id, endpoint)
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Channel | None = None
         try:
             self.limiter: Limiter = make_limiter(env_id, fn.memory_mb, fn.vcpus, settings.isolation)
-            self.tmp = TmpStore(self.env_dir, env_id, fn.ephemeral_mb, dict(fn.efs), settings.isolation,
-                                settings.run_dir / "cache")
+            self.tmp = TmpStore(
+                self.env_dir,
+                env_id,
+                fn.ephemeral_mb,
+                {k: Path(v) for k, v in fn.efs.items()},
+                settings.isolation,
+                settings.run_dir / "cache",
+            )
         except BaseException:
             self.log.close()
             raise
@@ -540,22 +660,27 @@ class ProcessEnvironment(ExecutionEnvironment):
         self._proc, self._conn = proc, Channel(parent)
         # Limits go on before the runtime may import user code: it waits for "init".
         self.limiter.attach(proc.pid)
-        self._conn.send(BootSpec(
-            env_id=self.env_id,
-            handler=self.fn.handler,
-            task_root=str(self.fn.code_dir),
-            environ=self._environ(),
-            clock_page=str(self.env_dir / "clock.page"),
-            sandbox=self.tmp.spec,
-            timeout_ms=self.fn.timeout_s * 1000,
-        ))
+        self._conn.send(
+            BootSpec(
+                env_id=self.env_id,
+                handler=self.fn.handler,
+                task_root=str(self.fn.code_dir),
+                environ=self._environ(),
+                clock_page=str(self.env_dir / "clock.page"),
+                sandbox=self.tmp.spec,
+                timeout_ms=self.fn.timeout_s * 1000,
+            )
+        )
         try:
             message = self._recv(10.0)
         except RuntimeGone:
             message = None
         if message is None or message[0] != "ready":
-            detail = message[1] if message is not None and message[0] == "fatal" else (
-                f"no answer (exit {proc.poll()})")
+            detail = (
+                message[1]
+                if message is not None and message[0] == "fatal"
+                else (f"no answer (exit {proc.poll()})")
+            )
             self._kill()
             raise OSError(f"environment {self.env_id} failed to start: {detail}")
 
@@ -622,8 +747,12 @@ class ProcessEnvironment(ExecutionEnvironment):
         self._clock_page.publish(elapsed_s, rate)
 
     def _meters_peaks(self) -> tuple[int, int, bool, bool]:
-        return (self.limiter.peak_bytes(), self.tmp.peak_bytes(), self.limiter.oom_killed(),
-                self.tmp.over_limit())
+        return (
+            self.limiter.peak_bytes(),
+            self.tmp.peak_bytes(),
+            self.limiter.oom_killed(),
+            self.tmp.over_limit(),
+        )
 
     def _release(self) -> None:
         self.limiter.close()

@@ -52,6 +52,12 @@ class SandboxSpec:
     """What the environment process needs to build its /tmp and /mnt; picklable."""
 
     __slots__ = ("efs", "efs_mode", "env_id", "ephemeral_mb", "tmp_mode", "tmp_path")
+    env_id: str
+    ephemeral_mb: int
+    tmp_mode: str
+    tmp_path: str
+    efs: dict[str, str]
+    efs_mode: str
 
     def __init__(
         self,
@@ -277,7 +283,7 @@ def enter(spec: SandboxSpec) -> dict[str, str]:
     os.environ.update(added)
     tempfile = sys.modules.get("tempfile")
     if tempfile is not None:
-        tempfile.tempdir = None  # gettempdir() caches; make it look again
+        setattr(tempfile, "tempdir", None)  # noqa: B010 - gettempdir() caches; look again
     return added
 
 

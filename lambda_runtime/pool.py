@@ -69,10 +69,11 @@ class EnvironmentPool(Generic[E]):
     def add_function(self, name: str, reserved: int | None) -> None:
         """Register a function; its reserved concurrency must leave the account's minimum free."""
         with self._cond:
-            others = sum(
-                s.reserved or 0 for n, s in self._functions.items() if n != name
-            )
-            if reserved is not None and others + reserved > self.account_limit - self.unreserved_min:
+            others = sum(s.reserved or 0 for n, s in self._functions.items() if n != name)
+            if (
+                reserved is not None
+                and others + reserved > self.account_limit - self.unreserved_min
+            ):
                 raise ConfigError(
                     "reserved_concurrency",
                     f"{reserved} would leave {self.account_limit - others - reserved} of the account's "
@@ -168,9 +169,11 @@ class EnvironmentPool(Generic[E]):
         victims: list[E] = []
         with self._cond:
             for state in self._functions.values():
-                keep = []
+                keep: list[E] = []
                 for env in state.idle:
-                    (victims if now - env.last_used >= idle_timeout_s or env.closed else keep).append(env)
+                    (
+                        victims if now - env.last_used >= idle_timeout_s or env.closed else keep
+                    ).append(env)
                 state.idle = keep
         for env in victims:
             env.close()

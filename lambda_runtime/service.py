@@ -53,9 +53,13 @@ class LambdaService:
         if settings is None:
             settings = ServiceSettings.from_mapping({"run_dir": Path(run_dir), **knobs})
         elif knobs:
-            raise ConfigError(next(iter(knobs)), "pass either settings= or keyword settings, not both")
+            raise ConfigError(
+                next(iter(knobs)), "pass either settings= or keyword settings, not both"
+            )
         if settings.backend not in BACKENDS:
-            raise ConfigError("backend", f"must be one of {sorted(BACKENDS)}, got {settings.backend!r}")
+            raise ConfigError(
+                "backend", f"must be one of {sorted(BACKENDS)}, got {settings.backend!r}"
+            )
         self.settings = settings
         self.run_dir = settings.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +67,11 @@ class LambdaService:
         self._ids = itertools.count(1)
         if unreserved_concurrency_min is None:
             # Lambda keeps 100 unreserved; a smaller test account keeps none.
-            unreserved_concurrency_min = min(
-                quotas.UNRESERVED_CONCURRENCY_MIN, settings.account_concurrency
-            ) if settings.account_concurrency >= quotas.ACCOUNT_CONCURRENCY_DEFAULT else 0
+            unreserved_concurrency_min = (
+                min(quotas.UNRESERVED_CONCURRENCY_MIN, settings.account_concurrency)
+                if settings.account_concurrency >= quotas.ACCOUNT_CONCURRENCY_DEFAULT
+                else 0
+            )
         self.pool: EnvironmentPool[ExecutionEnvironment] = EnvironmentPool(
             self._new_environment, settings.account_concurrency, unreserved_concurrency_min
         )
@@ -114,7 +120,11 @@ class LambdaService:
 
         ok, reason = host_supports_namespaces()
         caps = dict(host_capabilities())
-        caps["tmp"] = "loop-ext4" if ok and self.settings.isolation != "portable" else f"watched-dir ({reason or 'portable'})"
+        caps["tmp"] = (
+            "loop-ext4"
+            if ok and self.settings.isolation != "portable"
+            else f"watched-dir ({reason or 'portable'})"
+        )
         caps["clock"] = self.settings.clock
         return caps
 
@@ -141,8 +151,12 @@ class LambdaService:
         if client_context is not None:
             cc = base64.b64encode(json.dumps(dict(client_context)).encode()).decode()
         return self.invoke_raw(
-            function_name, payload, invocation_type=invocation_type, log_type=log_type,
-            client_context=cc, qualifier=qualifier,
+            function_name,
+            payload,
+            invocation_type=invocation_type,
+            log_type=log_type,
+            client_context=cc,
+            qualifier=qualifier,
         )
 
     def invoke_raw(
@@ -194,17 +208,29 @@ class LambdaService:
         env = self.pool.acquire(cfg.name)
         try:
             outcome = env.invoke(
-                InvocationRequest(request_id, payload, "RequestResponse", 1, context,
-                                  self.function_arn(cfg.name) if qualifier is None
-                                  else f"{self.function_arn(cfg.name)}:{qualifier}")
+                InvocationRequest(
+                    request_id,
+                    payload,
+                    "RequestResponse",
+                    1,
+                    context,
+                    self.function_arn(cfg.name)
+                    if qualifier is None
+                    else f"{self.function_arn(cfg.name)}:{qualifier}",
+                )
             )
         finally:
             self.pool.release(cfg.name, env)
         self.ledger.append(outcome.record)
         tail = env.log.tail_base64(outcome.log_start) if log_type == "Tail" else None
         return InvokeResult(
-            200, outcome.payload, request_id, outcome.function_error, tail,
-            quotas.FUNCTION_VERSION, outcome.record,
+            200,
+            outcome.payload,
+            request_id,
+            outcome.function_error,
+            tail,
+            quotas.FUNCTION_VERSION,
+            outcome.record,
         )
 
     @staticmethod
@@ -228,8 +254,14 @@ class LambdaService:
         try:
             cfg = self._functions[event.function]
             outcome = env.invoke(
-                InvocationRequest(event.request_id, event.payload, "Event", event.attempt, None,
-                                  cfg.arn(self.settings.region, self.settings.account_id))
+                InvocationRequest(
+                    event.request_id,
+                    event.payload,
+                    "Event",
+                    event.attempt,
+                    None,
+                    cfg.arn(self.settings.region, self.settings.account_id),
+                )
             )
         finally:
             self.pool.release(event.function, env)
@@ -238,15 +270,21 @@ class LambdaService:
 
     def _async_policy(self, name: str) -> tuple[int, int, Path, str]:
         cfg = self._functions[name]
-        dest = Path(cfg.on_failure) if cfg.on_failure else (
-            self.run_dir / "destinations" / f"{name}.on-failure.jsonl"
+        dest = (
+            Path(cfg.on_failure)
+            if cfg.on_failure
+            else (self.run_dir / "destinations" / f"{name}.on-failure.jsonl")
         )
         return cfg.max_retry_attempts, cfg.max_event_age_s, dest, self.function_arn(name)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start_http(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the Invoke API (boto3-compatible) on host:port; returns the endpoint URL."""
-        if self._http is not None and (host, port) != (self._http_address[0], self._http_address[1]) and port != 0:
+        if (
+            self._http is not None
+            and (host, port) != (self._http_address[0], self._http_address[1])
+            and port != 0
+        ):
             self._http.stop()  # asked for a specific address: move there
             self._http = None
         if self._http is None:
