@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 TYPE_CHECKING = False  # not `typing`: the runtime of every cold start imports this package
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type checkers only: the names below are what __getattr__ returns
     from typing import Any
 
-    from lambda_runtime.config import FunctionConfig, ServiceSettings
-    from lambda_runtime.errors import (
-        ConfigError,
-        LambdaRuntimeError,
-        ResourceNotFoundException,
-        ServiceError,
-        TooManyRequestsException,
+    from lambda_runtime.config import (
+        FunctionConfig as FunctionConfig,
     )
-    from lambda_runtime.result import InvokeResult
-    from lambda_runtime.service import LambdaService
+    from lambda_runtime.config import (
+        ServiceSettings as ServiceSettings,
+    )
+    from lambda_runtime.errors import (
+        ConfigError as ConfigError,
+    )
+    from lambda_runtime.errors import (
+        LambdaRuntimeError as LambdaRuntimeError,
+    )
+    from lambda_runtime.errors import (
+        ResourceNotFoundException as ResourceNotFoundException,
+    )
+    from lambda_runtime.errors import (
+        ServiceError as ServiceError,
+    )
+    from lambda_runtime.errors import (
+        TooManyRequestsException as TooManyRequestsException,
+    )
+    from lambda_runtime.result import InvokeResult as InvokeResult
+    from lambda_runtime.service import LambdaService as LambdaService
 
 # Imported on first use: an execution environment's runtime imports this package too, and must
 # not pay for the service, the HTTP server and the pool at every cold start.

@@ -3,7 +3,8 @@
 Events wait here until their function has concurrency; a failed event is retried after
 1 and 2 minutes up to the function's MaximumRetryAttempts; an event older than
 MaximumEventAgeInSeconds is dropped. `time_scale` multiplies both timings (retry delays and
-maximum age), so tests see Lambda's async behaviour in milliseconds. Both outcomes are written to the function's
+maximum age), so tests see Lambda's async behaviour in milliseconds. Both outcomes are
+written to the function's
 on-failure destination (a JSON-lines file) in Lambda's destination record format.
 """
 
@@ -118,7 +119,7 @@ class AsyncQueue:
                     ready.append(heapq.heappop(self._heap))
                 self._in_flight += len(ready)
             for event in ready:
-                max_retries, max_age, dest, arn = self._policy(event.function)
+                _, max_age, dest, arn = self._policy(event.function)
                 if time.time() - event.enqueued > max_age * self.time_scale:
                     self._destination(dest, arn, event, "EventAgeExceeded", None)
                     self._done()

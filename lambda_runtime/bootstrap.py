@@ -8,6 +8,7 @@ so keep its imports light.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -21,11 +22,11 @@ import struct
 import sys
 import time
 
+from lambda_runtime.context import ClockPage, LambdaContext
+
 TYPE_CHECKING = False  # no `typing` import: this module is on every cold start's path
 if TYPE_CHECKING:
     from typing import Any
-
-from lambda_runtime.context import ClockPage, LambdaContext
 
 NOFILE_LIMIT = 1024  # quotas.NOFILE_LIMIT, repeated to keep this module's imports minimal
 _HEADER = struct.Struct("<I")
@@ -301,10 +302,8 @@ def _prepare_process(spec: BootSpec) -> None:
         # The task root lives under a path the sandbox covered (e.g. the host's /tmp): reach it
         # through the descriptor opened before, a magic link that ignores what is mounted over.
         sys.path.insert(0, f"/proc/self/fd/{root_fd}")
-    try:
+    with contextlib.suppress(ValueError, OSError):  # Lambda's 1,024 open files
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_LIMIT, NOFILE_LIMIT))
-    except (ValueError, OSError):
-        pass
 
 
 def main(conn: Channel, spec: BootSpec) -> None:

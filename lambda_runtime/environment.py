@@ -10,6 +10,7 @@ namespace where the host allows, or in sampled limits where it does not.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import mmap
 import os
@@ -102,7 +103,8 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 def _trace_id() -> str:
-    return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};Sampled=0"
+    root = f"1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]}"
+    return f"Root={root};Parent={uuid.uuid4().hex[:16]};Sampled=0"
 
 
 class ClockWriter:
@@ -379,7 +381,8 @@ class ExecutionEnvironment(abc.ABC):
             if failure == "oom":
                 body = {
                     "errorType": "Runtime.ExitError",
-                    "errorMessage": f"RequestId: {req.request_id} Error: Runtime exited with error: signal: killed",
+                    "errorMessage": f"RequestId: {req.request_id} Error: Runtime exited with "
+                    "error: signal: killed",
                 }
                 return self._finish(
                     req,
@@ -568,8 +571,9 @@ class ExecutionEnvironment(abc.ABC):
             mechanisms=dict(self.mechanisms),
         )
 
+    @abc.abstractmethod
     def _publish_clock(self, elapsed_s: float, rate: float) -> None:
-        """Tell the runtime the Lambda clock (backends with a clock page override this)."""
+        """Tell the runtime the Lambda clock, for get_remaining_time_in_millis()."""
 
     def close(self) -> None:
         """Shut the environment down: runtime stopped (2 s grace), resources freed."""
@@ -707,10 +711,8 @@ class ProcessEnvironment(ExecutionEnvironment):
     def _kill(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.limiter.kill_all()
         if proc is not None:
             try:

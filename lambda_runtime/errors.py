@@ -78,7 +78,7 @@ class UnsupportedMediaTypeException(ServiceError, ValueError):
 
 
 class ConfigError(InvalidParameterValueException):
-    """A function or service setting out of range; the message names the field and what is allowed."""
+    """A function or service setting out of range; the message names the field and the range."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")

@@ -76,7 +76,8 @@ class EnvironmentPool(Generic[E]):
             ):
                 raise ConfigError(
                     "reserved_concurrency",
-                    f"{reserved} would leave {self.account_limit - others - reserved} of the account's "
+                    f"{reserved} would leave {self.account_limit - others - reserved} of the "
+                    "account's "
                     f"{self.account_limit} unreserved; at least {self.unreserved_min} must stay "
                     "unreserved",
                 )

@@ -172,7 +172,8 @@ class LambdaService:
         """The Invoke API: raises ServiceError subclasses for API errors (no function ran)."""
         if invocation_type not in INVOCATION_TYPES:
             raise InvalidParameterValueException(
-                f"InvocationType: must be one of {', '.join(INVOCATION_TYPES)}, got {invocation_type!r}"
+                f"InvocationType: must be one of {', '.join(INVOCATION_TYPES)}, "
+                f"got {invocation_type!r}"
             )
         if log_type not in LOG_TYPES:
             raise InvalidParameterValueException(
