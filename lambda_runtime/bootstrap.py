@@ -382,13 +382,8 @@ def _invoke(
     return ("error", json.dumps(error).encode(), "application/json")
 
 
-def _child_main() -> None:
-    """`python -m lambda_runtime.bootstrap FD`: FD is this runtime's end of the service channel."""
-    conn = Channel(socket.socket(fileno=int(sys.argv[1])))
+def run_on_fd(fd: int) -> None:
+    """Run the runtime on a channel descriptor: read the BootSpec, then serve until told to stop."""
+    conn = Channel(socket.socket(fileno=fd))
     spec = conn.recv()
     main(conn, spec)
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    _child_main()

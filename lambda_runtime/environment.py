@@ -10,6 +10,7 @@ namespace where the host allows, or in sampled limits where it does not.
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
 import json
 import mmap
@@ -33,6 +34,7 @@ from lambda_runtime.config import FunctionConfig, ServiceSettings
 from lambda_runtime.context import CLOCK_PAGE
 from lambda_runtime.limiter import Limiter, make_limiter
 from lambda_runtime.sandbox import TmpStore
+from lambda_runtime.zygote import ForkedProcess, Zygote
 
 MIB = 1024 * 1024
 # Longest the parent sleeps between looks at the clock, the memory and /tmp of a running
@@ -597,12 +599,23 @@ class ExecutionEnvironment(abc.ABC):
                 self.log.close()
 
 
-_CHILD_CODE = "from lambda_runtime.bootstrap import _child_main; _child_main()"
+_ZYGOTE: Zygote | None = None
+_ZYGOTE_LOCK = threading.Lock()
 
 
 def _child_pythonpath() -> str:
     """The parent's import path, so the runtime finds this package even from a source tree."""
     return os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+
+
+def _zygote() -> Zygote:
+    """The process-wide fork server, started on first use and again if it died."""
+    global _ZYGOTE
+    with _ZYGOTE_LOCK:
+        if _ZYGOTE is None or not _ZYGOTE.alive:
+            _ZYGOTE = Zygote(_child_pythonpath())
+            atexit.register(_ZYGOTE.close)
+        return _ZYGOTE
 
 
 class ProcessEnvironment(ExecutionEnvironment):
@@ -614,7 +627,7 @@ class ProcessEnvironment(ExecutionEnvironment):
         self, fn: FunctionConfig, settings: ServiceSettings, env_id: str, endpoint: str | None
     ) -> None:
         super().__init__(fn, settings, env_id, endpoint)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: ForkedProcess | None = None
         self._conn: Channel | None = None
         try:
             self.limiter: Limiter = make_limiter(env_id, fn.memory_mb, fn.vcpus, settings.isolation)
@@ -642,28 +655,13 @@ class ProcessEnvironment(ExecutionEnvironment):
     def _spawn(self) -> None:
         self.tmp.wait_released()
         parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _child_pythonpath()
         log_fd = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            proc = subprocess.Popen(
-                # -S: no site processing at each cold start; the parent's finished sys.path
-                # (site-packages included) arrives through PYTHONPATH instead.
-                [sys.executable, "-S", "-c", _CHILD_CODE, str(child.fileno())],
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                pass_fds=(child.fileno(),),
-                cwd=str(self.fn.code_dir),
-                env=env,
-                start_new_session=True,  # its own session: the whole tree can be signalled
-            )
+            proc = _zygote().spawn(child, log_fd, str(self.fn.code_dir))
         finally:
             os.close(log_fd)
             child.close()
         self._proc, self._conn = proc, Channel(parent)
-        # Limits go on before the runtime may import user code: it waits for "init".
-        self.limiter.attach(proc.pid)
         self._conn.send(
             BootSpec(
                 env_id=self.env_id,
@@ -675,6 +673,9 @@ class ProcessEnvironment(ExecutionEnvironment):
                 timeout_ms=self.fn.timeout_s * 1000,
             )
         )
+        # The runtime builds its sandbox meanwhile (no user code yet: that waits for "init",
+        # which is sent only after this returns), so the kernel's slow cgroup move overlaps it.
+        self.limiter.attach(proc.pid)
         try:
             message = self._recv(10.0)
         except RuntimeGone:
