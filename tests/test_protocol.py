@@ -112,6 +112,18 @@ def start_event(workers: int, config: dict[str, Any], run: str = "t") -> dict[st
     return {"start": True, "workers": workers, "run": run, "config": config}
 
 
+def summary_of(ws: Workspace) -> dict[str, Any]:
+    summary = ws.final_summary()
+    assert summary is not None, "the run has not finished"
+    return summary
+
+
+def run_row(table: SqliteProgressTable | DynamoProgressTable, run: str) -> RunRow:
+    row = table.get_run(run)
+    assert row is not None
+    return row
+
+
 def final_weights(root: Path, run: str = "t") -> list[np.ndarray]:
     return [np.array(a) for a in Workspace(root, run).final_weights()]
 
@@ -358,13 +370,13 @@ def test_run_to_the_end_equals_the_in_process_reference(tmp_path, config):
     drain(tmp_path, inv)
     assert_same(final_weights(tmp_path), reference(config, 3))
     ws = Workspace(tmp_path, "t")
-    summary = ws.final_summary()
+    summary = summary_of(ws)
     table = SqliteProgressTable(ws.progress_path)
     rows = table.rounds("t")
     assert [r.round for r in rows] == list(range(summary["rounds"]))
-    assert all(r.status == "combined" and r.samples > 0 for r in rows)
+    assert all(r.status == "combined" and (r.samples or 0) > 0 for r in rows)
     assert rows[-1].note == summary["reason"]
-    run = table.get_run("t")
+    run = run_row(table, "t")
     assert run.status == "finished" and run.rounds_done == summary["rounds"]
     # Bounded history: only the last `history` (2) rounds of weights stay.
     assert ws.weight_rounds() == [summary["rounds"] - 1, summary["rounds"]]
@@ -470,7 +482,7 @@ def test_duplicates_reorderings_and_retries_never_change_the_final_weights(
     )
     # However often events arrived, each round invoked exactly N workers and one combine.
     sent = Counter((("w" if "workerno" in e else "c"), e["round"]) for e in inv.all)
-    rounds = Workspace(root, "t").final_summary()["rounds"]
+    rounds = summary_of(Workspace(root, "t"))["rounds"]
     assert sent == Counter(
         {**{("w", r): 3 for r in range(rounds)}, **{("c", r): 1 for r in range(rounds)}}
     )
@@ -626,21 +638,16 @@ def test_a_worker_out_of_time_before_its_first_step_publishes_zero_samples(tmp_p
     assert SqliteProgressTable(Workspace(tmp_path, "t").progress_path).rounds("t")[0].samples == 8
 
 
-def test_deadline_reserve_grows_with_the_measured_step_time():
+def test_deadline_reserve_grows_with_the_measured_step_time(monkeypatch):
     ticks = iter([0.0, 0.0, 0.3, 0.6])
     remaining = [5000, 5000, 1500, 1500]
     ctx = Ctx(remaining=lambda: remaining.pop(0))
     d = Deadline(ctx, reserve_ms=1000.0, step_hint_ms=None)
-    import simulator.protocol as protocol
-
-    real = protocol.time.perf_counter
-    protocol.time.perf_counter = lambda: next(ticks)  # type: ignore[assignment]
-    try:
-        assert d() is False  # no step measured yet: 5000 >= 1000
-        assert d() is False  # a 0 ms step
-        assert d() is True  # a 300 ms step: 1500 < 1000 + 2 * 300
-    finally:
-        protocol.time.perf_counter = real  # type: ignore[assignment]
+    monkeypatch.setattr("simulator.protocol.time.perf_counter", lambda: next(ticks))
+    assert d() is False  # no step measured yet: 5000 >= 1000
+    assert d() is False  # a 0 ms step
+    assert d() is True  # a 300 ms step: 1500 < 1000 + 2 * 300
+    monkeypatch.undo()
     assert d.max_step_ms == pytest.approx(300.0)
 
 
@@ -723,7 +730,7 @@ def test_a_worker_that_never_arrives_fails_the_run_with_the_reason(tmp_path):
     reason = "round 1: worker 2 never arrived after 3 attempts"
     assert ws.failure() == reason
     table = SqliteProgressTable(ws.progress_path)
-    run = table.get_run("t")
+    run = run_row(table, "t")
     assert (run.status, run.reason) == ("failed", reason)
     assert table.rounds("t")[1].status == "failed" and table.rounds("t")[1].note == reason
     # Every role now declines politely; nothing is sent.
@@ -775,7 +782,7 @@ def test_sqlite_progress_table_upserts_and_reads_while_written(tmp_path):
     row = reader.rounds("r")[0]
     assert (row.status, row.samples, row.loss, row.started_at) == ("combined", 128, None, 2.0)
     table.run_finished("r", status="finished", reason="done", at=4.0, rounds_done=1)
-    run = reader.get_run("r")
+    run = run_row(reader, "r")
     assert (run.status, run.reason, run.rounds_done, run.started_at) == ("finished", "done", 1, 1.0)
     with pytest.raises(ValueError, match="status"):
         table.run_finished("r", status="weird", reason="", at=5.0)
@@ -918,7 +925,7 @@ def test_dynamo_progress_table_keeps_the_same_interface():
         combined_at=22.0,
         updated_at=22.0,
     )
-    run = table.get_run("r")
+    run = run_row(table, "r")
     assert (run.status, run.rounds_done, run.loss, run.started_at) == ("finished", 3, 1.25, 1.0)
     assert fake.items[("r", RUN_ITEM_ROUND)]["item"] == "run"
     assert DynamoProgressTable(table=FakeDynamoTable()).get_run("x") is None
@@ -931,3 +938,35 @@ def test_config_round_trips_through_json():
     # (1 + 2 retries) x 900 s timeout + 1 and 2 minute retry delays + 1 minute of slack.
     assert cfg.stall_after() == 3 * 900 + 180 + 60
     assert TrainingConfig.from_mapping({**SMALL, "timeout_s": 10}, 4).stall_after() == 270
+
+
+def test_a_bare_thesis_start_takes_the_code_directory_defaults(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "examples" / "numpy_digits"
+    inv = Recorder()
+    out = handle(
+        {"start": True, "workers": 2},
+        Ctx(),
+        efs_root=tmp_path,
+        invoker=inv,
+        environ={"LAMBDA_TASK_ROOT": str(example)},
+    )
+    assert out["status"] == "started" and out["run"] == "default"
+    cfg = Workspace(tmp_path, "default").read_config()
+    defaults = json.loads((example / "config.json").read_text())
+    assert (cfg.model, cfg.dataset, cfg.lr, cfg.epochs) == (
+        defaults["model"],
+        defaults["dataset"],
+        defaults["lr"],
+        defaults["epochs"],
+    )
+    assert (cfg.workers, cfg.function_name, cfg.timeout_s) == (2, FN, 60)
+    assert [e["workerno"] for e in inv.take()] == [0, 1]
+    # The same bare start again (at-least-once) changes nothing and fans out nothing.
+    again = handle(
+        {"start": True, "workers": 2},
+        Ctx(),
+        efs_root=tmp_path,
+        invoker=inv,
+        environ={"LAMBDA_TASK_ROOT": str(example)},
+    )
+    assert again["status"] == "duplicate" and inv.take() == []
