@@ -121,8 +121,7 @@ class InvocationClock:
     # -- public API --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Invocation start: baseline of every task's counters."""
-        self._close_fds()
+        """Invocation start: baseline of every task's counters (their descriptors stay open)."""
         now = time.monotonic()
         self._t0 = self._t_last = now
         self._elapsed = 0.0

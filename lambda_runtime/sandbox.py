@@ -316,6 +316,7 @@ class TmpStore:
         env_dir.mkdir(parents=True, exist_ok=True)
         self._closed = False
         self._peak = 0
+        self._owner: tuple[str, int] | None = None
         if ok:
             path = env_dir / _IMAGE_NAME
             # A new inode, never a truncated one: an old loop device may still hold the old file
@@ -340,15 +341,25 @@ class TmpStore:
 
     def _live_statvfs(self) -> os.statvfs_result | None:
         """statvfs of the mounted /tmp through /proc/<pid>/root, if the entering process lives."""
-        try:
-            with open(self.spec.tmp_path + _OWNER_SUFFIX) as f:
-                pid, dev = (int(x) for x in f.read().split())
-            where = f"/proc/{pid}/root{_TMP_MOUNT}"
-            if os.stat(where).st_dev != dev:  # process gone, pid reused, or not yet mounted
-                return None
-            return os.statvfs(where)
-        except (OSError, ValueError):
-            return None
+        # The owner file changes only when a new runtime process mounts the image: reuse what
+        # it said while its /tmp is still there (this runs at every invocation's start and end).
+        for cached in (True, False):
+            if cached and self._owner is None:
+                continue
+            try:
+                if not cached:
+                    with open(self.spec.tmp_path + _OWNER_SUFFIX) as f:
+                        pid, dev = (int(x) for x in f.read().split())
+                    self._owner = (f"/proc/{pid}/root{_TMP_MOUNT}", dev)
+                assert self._owner is not None
+                where, dev = self._owner
+                if os.stat(where).st_dev != dev:  # process gone, pid reused, or not yet mounted
+                    continue
+                return os.statvfs(where)
+            except (OSError, ValueError):
+                continue
+        self._owner = None
+        return None
 
     def usage_bytes(self) -> int:
         """Bytes the environment has put in its /tmp, measured from outside."""
