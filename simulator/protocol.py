@@ -19,7 +19,7 @@ EFS layout, under ``<mount>/runs/<run>/``::
     weights/round-<r>/             array-<k>.npy [velocity-<k>.npy] meta.json  (immutable)
     results/round-<r>/worker-<i>/  array-<k>.npy meta.json  (immutable)
     arrivals/round-<r>/            ArrivalSet of worker ids
-    attempts/round-<r>/worker-<i>/ one marker per invocation that computed (for failure reasons)
+    attempts/round-<r>/worker-<i>/ one marker per worker invocation (for failure reasons)
     claims/combine-<r>, claims/fanout-<r>, claims/rescue-..., claims/fault-...
     progress.sqlite                the progress table (unless config.progress is 'dynamodb')
     final/                         array-<k>.npy summary.json
@@ -52,7 +52,8 @@ done while weights ``r + 1`` exist or once ``fanout-<r+1>`` is claimed (pruning 
 a late duplicate of any old round is recognised and ignored.
 
 Liveness rule (:func:`check_stalled`, run by the ``check`` event: locally by the runner every
-few seconds, on AWS by an EventBridge schedule): a round is *stalled* when ``stall_after_s``
+few seconds, on AWS by an EventBridge schedule whose target input is the constant
+``{"check": true, "run": "<run>"}``): a round is *stalled* when ``stall_after_s``
 (default ``(max_retry_attempts + 1) * timeout_s + 240`` s: every Lambda attempt timed out plus
 its 1 and 2 minute retry delays and a minute of slack) has passed since its fan-out or its last
 rescue without the next weights appearing. A stalled round is rescued by re-invoking its missing
@@ -737,14 +738,14 @@ class Workspace:
             return None
 
     def record_attempt(self, round: int, worker: int, request_id: str) -> None:
-        """Note that an invocation started computing worker `worker` of round `round`."""
+        """Note that an invocation of worker `worker` of round `round` started its work."""
         directory = self.root / "attempts" / f"round-{round}" / f"worker-{worker}"
         directory.mkdir(parents=True, exist_ok=True)
         # A unique name per invocation: Lambda's retries reuse the request id.
         (directory / f"{uuid.uuid4().hex}").write_text(request_id)
 
     def attempts(self, round: int, worker: int) -> int:
-        """How many invocations started computing worker `worker` of round `round`."""
+        """How many invocations of worker `worker` of round `round` started their work."""
         try:
             return len(os.listdir(self.root / "attempts" / f"round-{round}" / f"worker-{worker}"))
         except FileNotFoundError:
@@ -1038,9 +1039,17 @@ def fan_out(
     return True
 
 
+_TABLES: dict[tuple[str, str, str | None], ProgressTable] = {}
+
+
 def progress_for(ws: Workspace, cfg: TrainingConfig) -> ProgressTable:
-    """The progress table the run's config names."""
-    return open_progress(cfg.progress, ws.progress_path, cfg.progress_table)
+    """The progress table the run's config names (one object per process and table)."""
+    key = (cfg.progress, str(ws.progress_path), cfg.progress_table)
+    table = _TABLES.get(key)
+    if table is None:
+        # A DynamoDB resource costs ~100 ms to build; warm invocations reuse it.
+        table = _TABLES[key] = open_progress(*key)
+    return table
 
 
 # ------------------------------------------------------------------------------------------
@@ -1195,8 +1204,8 @@ def run_worker(
     if not ws.has_weights(r):
         raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
     computed = None
+    ws.record_attempt(r, worker, ctx.aws_request_id)
     if not ws.has_result(r, worker):
-        ws.record_attempt(r, worker, ctx.aws_request_id)
         _fault(ws, cfg, "worker", "start", r, worker)
         c, info = _compute(ws, state, r, worker, ctx)
         _fault(ws, cfg, "worker", "before_publish", r, worker)
@@ -1395,7 +1404,8 @@ def _decide(
     elif cfg.epochs is not None and done >= cfg.epochs * sched.rounds_per_epoch:
         reason = f"epochs reached ({cfg.epochs} epochs, {done} rounds)"
     loss = accuracy = None
-    if reason is not None or done % cfg.eval_every == 0 or cfg.target_loss or cfg.target_accuracy:
+    targets = cfg.target_loss is not None or cfg.target_accuracy is not None
+    if reason is not None or done % cfg.eval_every == 0 or targets:
         loss, accuracy = evaluate(state, weights)
     if loss is not None and not math.isfinite(loss):
         return "fail", f"round {r}: diverged (held-out loss is {loss})", loss, accuracy
@@ -1569,7 +1579,11 @@ def check_stalled(
 
     if missing:
         first = missing[0]
-        reason = f"round {r}: worker {first} never arrived after {ws.attempts(r, first)} attempts"
+        tries = ws.attempts(r, first)
+        reason = (
+            f"round {r}: worker {first} never arrived after {tries} "
+            f"attempt{'' if tries == 1 else 's'}"
+        )
         if len(missing) > 1:
             reason += f" (missing workers: {', '.join(map(str, missing))})"
     else:
@@ -1595,7 +1609,7 @@ def _rescue(
     count, last = _rescue_count(ws, target)
     since = max(since, last or since)
     if now - since < stall:
-        return {**out, "status": "running", "round": round, "stalled_for_s": 0.0}
+        return {**out, "status": "running", "round": round, "idle_s": max(0.0, now - since)}
     if count >= cfg.max_rescues:
         table = progress or progress_for(ws, cfg)
         reason = _fail(ws, table, max(round, 0), reason)

@@ -422,6 +422,19 @@ def test_n1_gradient_averaging_equals_plain_minibatch_descent_bit_for_bit(tmp_pa
 
 
 # ---- at-least-once delivery -----------------------------------------------------------------
+def test_a_duplicate_worker_counts_once_and_leaves_the_published_result_alone(tmp_path):
+    inv = Recorder()
+    deliver(tmp_path, start_event(3, SMALL), inv)
+    first, *_ = inv.take()
+    assert deliver(tmp_path, first, inv)["status"] == "computed"
+    ws = Workspace(tmp_path, "t")
+    published = tree(ws.result_dir(0, 0))
+    again = deliver(tmp_path, first, inv)
+    assert (again["status"], again["arrived"], again["arrivals"]) == ("duplicate", False, 1)
+    assert tree(ws.result_dir(0, 0)) == published
+    assert ws.arrivals(0).members() == {"0"} and inv.take() == []
+
+
 FAULT_POINTS = [
     ("worker", "start"),
     ("worker", "mid_round"),
@@ -590,8 +603,8 @@ def test_a_crash_at_any_point_is_rerun_with_an_unchanged_result(tmp_path, role, 
         pending.extend(inv.take())
     assert crashed is not None and crashed["round"] == 1
     assert_same(final_weights(tmp_path), reference(SMALL, 3))
-    # Recomputing workers left one attempt marker more than the rest.
-    if role == "worker" and at in ("start", "mid_round", "before_publish"):
+    # The crashed worker's retry left one attempt marker more than the rest.
+    if role == "worker":
         assert ws.attempts(1, 1) == 2 and ws.attempts(1, 0) == 1
 
 
