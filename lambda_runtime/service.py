@@ -19,9 +19,10 @@ from typing import Any
 
 from lambda_runtime import quotas
 from lambda_runtime.async_queue import AsyncQueue, QueuedEvent
+from lambda_runtime.backends import BACKENDS
 from lambda_runtime.billing import Ledger
 from lambda_runtime.config import FunctionConfig, ServiceSettings
-from lambda_runtime.environment import BACKENDS, ExecutionEnvironment, InvocationRequest
+from lambda_runtime.environment import ExecutionEnvironment, InvocationRequest
 from lambda_runtime.errors import (
     ConfigError,
     InvalidParameterValueException,
