@@ -279,12 +279,40 @@ def _setup_logging() -> None:
 _CLOCK: Any = None
 
 
+# Paths a sandbox mounts over: the host's /tmp becomes the environment's own /tmp, and /mnt
+# holds only the EFS mounts.
+_COVERED = ("/tmp/", "/mnt/")
+
+
+def _pin_covered_paths(paths: list[str]) -> dict[str, int]:
+    """Open every directory under a path the sandbox will cover, before it does."""
+    pinned: dict[str, int] = {}
+    for path in paths:
+        if path and (path + "/").startswith(_COVERED) and path not in pinned:
+            with contextlib.suppress(OSError):
+                pinned[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return pinned
+
+
+def _reach_through(pinned: dict[str, int], path: str) -> str:
+    """`path` if it is still visible, else the magic link of the descriptor opened before.
+
+    /proc/self/fd/N names the directory itself, whatever is mounted over its old path since: a
+    virtual environment or handler code under the host's /tmp stays importable.
+    """
+    fd = pinned.get(path)
+    if fd is None or os.path.isdir(path):
+        return path
+    return f"/proc/self/fd/{fd}"
+
+
 def _prepare_process(spec: BootSpec) -> None:
     """Everything before the handler module is imported: sandbox, stdio, environment, cwd."""
     extra_env: dict[str, str] = {}
-    # Before the sandbox may mount over /tmp: the task root and the clock page can live there.
+    # Before the sandbox may mount over /tmp: the task root, the import path and the clock page
+    # can live there.
     os.chdir(spec.task_root)
-    root_fd = os.open(spec.task_root, os.O_RDONLY | os.O_DIRECTORY)
+    pinned = _pin_covered_paths([spec.task_root, *sys.path])
     global _CLOCK
     _CLOCK = ClockPage(spec.clock_page)
     if spec.sandbox is not None:
@@ -295,13 +323,11 @@ def _prepare_process(spec: BootSpec) -> None:
     os.environ.clear()
     os.environ.update(spec.environ)
     os.environ.update(extra_env)
-    if os.path.isdir(spec.task_root):
-        os.close(root_fd)
-        sys.path.insert(0, spec.task_root)
-    else:
-        # The task root lives under a path the sandbox covered (e.g. the host's /tmp): reach it
-        # through the descriptor opened before, a magic link that ignores what is mounted over.
-        sys.path.insert(0, f"/proc/self/fd/{root_fd}")
+    sys.path[:] = [_reach_through(pinned, p) for p in sys.path]
+    sys.path.insert(0, _reach_through(pinned, spec.task_root))
+    used = {int(p.rsplit("/", 1)[1]) for p in sys.path if p.startswith("/proc/self/fd/")}
+    for fd in set(pinned.values()) - used:
+        os.close(fd)
     with contextlib.suppress(ValueError, OSError):  # Lambda's 1,024 open files
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_LIMIT, NOFILE_LIMIT))
 
