@@ -3,8 +3,8 @@
 A laptop runs many execution environments on few cores, so wall time overstates what each
 function would see on Lambda (and fires false timeouts). The kernel's per-task schedstat
 (``/proc/<pid>/task/<tid>/schedstat``: "run_ns wait_ns timeslices") says, for every thread, how
-long it ran on a CPU and how long it sat runnable waiting for one. Per sample interval of wall
-length Δ, summed over every task of the tree:
+long it ran on a CPU and how long it sat runnable waiting for one. Over the invocation so far
+(wall length Δ since it started), summed over every task of the tree:
 
     Δrun = Σ run deltas, Δwait = Σ wait (run_delay) deltas, D = Δrun + Δwait
     W_r  = min(Δ, D)        wall time the tree had something runnable
@@ -25,10 +25,18 @@ no cgroup input: with s = 0.5 that interval gives D = 2.0, W_r = 2.0, p = 1 and
 twice. (Had throttled time been invisible to schedstat it would have shown up as blocked time,
 Δλ = 1.0 + 2.0 = 3.0 s, and cpu.stat throttled_time would have to be subtracted.)
 
-Known approximations: D counts thread-seconds, so two threads runnable at different moments of
-one interval look like one thread runnable throughout (p is a per-interval average); a task that
-exits between two samples loses the run time it had after its last sample; a task that appears
-later counts from 0, i.e. its whole life, so late-found threads lose nothing.
+Why totals since the start and not per sample interval: the kernel adds a wait spell to a task's
+run_delay only when the task gets a CPU again, so an interval spent waiting reads as blocked and
+the wait shows up in a later interval, where it exceeds that interval's length and would be cut
+off by W_r = min(Δ, D). Over the whole invocation a one-thread tree's run + wait never exceeds its
+wall time, so the model is exact for it; a wait spell still in progress at a sample is counted
+as blocked until it ends (the clock may then step back by that much, which is why `rate()` is
+never negative and the service compares deadlines against the latest sample).
+
+Known approximations: D counts thread-seconds, so parallelism p is an average over the
+invocation (phases of one and of eight runnable threads average out); a task that exits between
+two samples loses the run time it had after its last sample; a task that appears later counts
+from 0, i.e. its whole life, so late-found threads lose nothing.
 """
 
 from __future__ import annotations
@@ -36,15 +44,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 
 from lambda_runtime import quotas
 
 _READ_SIZE = 128
-# How far back late-reported wait may be moved (see InvocationClock._move_back). A wait spell
-# lasts a few scheduler slices on a busy host, up to a CFS period (100 ms) when throttled.
-LATE_WAIT_HORIZON_S = 0.5
 
 
 def schedstat_available(pid: int | None = None) -> tuple[bool, str]:
@@ -113,9 +117,8 @@ class InvocationClock:
         self._t_last = 0.0
         self._elapsed = 0.0
         self._rate = 1.0
-        self._debt = 0.0  # Lambda seconds still to take off (see _move_back)
-        # (sample time, wall seconds counted as blocked) of recent intervals
-        self._blocked: deque[tuple[float, float]] = deque()
+        self._run_ns = 0  # summed over the tree's tasks since start()
+        self._wait_ns = 0
         self._started = False
 
     # -- public API --------------------------------------------------------------------------
@@ -126,15 +129,14 @@ class InvocationClock:
         self._t0 = self._t_last = now
         self._elapsed = 0.0
         self._rate = 1.0
-        self._debt = 0.0
-        self._blocked.clear()
+        self._run_ns = self._wait_ns = 0
         self._started = True
         if self.mechanism == "schedstat":
             # Counters read here are the baseline: they contribute nothing themselves.
             self._collect()
 
     def sample(self) -> float:
-        """Integrate since the previous sample; returns Lambda-clock seconds since start()."""
+        """Read the counters; returns Lambda-clock seconds since start()."""
         if not self._started:
             raise RuntimeError("InvocationClock.sample() called before start()")
         now = time.monotonic()
@@ -144,58 +146,19 @@ class InvocationClock:
             self._rate = 1.0
             self._t_last = now
             return self._elapsed
-        d_run_ns, d_wait_ns, late_run_ns, late_wait_ns = self._collect(dt)
-        # A counter glitch must not make time run wild: a tree cannot run more
-        # thread-seconds than the host has cores.
-        d_run = min(d_run_ns / 1e9, dt * self._host_cores)
-        d_wait = d_wait_ns / 1e9
-        moved_run, moved_wait = self._move_back(now, late_run_ns / 1e9, late_wait_ns / 1e9)
-        d_run -= moved_run
-        d_wait -= moved_wait
-        d_lambda = lambda_interval(dt, d_run, d_wait, self._share)
-        # The moved thread-seconds replace wall-speed blocked time counted earlier: take that
-        # off again, and charge their run part as CPU work of one runnable thread.
-        d_lambda += moved_run / min(1.0, self._share) - (moved_run + moved_wait)
+        d_run_ns, d_wait_ns = self._collect()
+        self._run_ns += d_run_ns
+        self._wait_ns += d_wait_ns
+        wall = now - self._t0
+        # A counter glitch must not make time run wild: a tree cannot run more thread-seconds
+        # than the host has cores.
+        run = min(self._run_ns / 1e9, wall * self._host_cores)
+        elapsed = lambda_interval(wall, run, self._wait_ns / 1e9, self._share)
         if dt > 0:
-            runnable = d_run + d_wait
-            blocked = dt - min(dt, runnable) if runnable > 0 else dt
-            if blocked > 0:
-                self._blocked.append((now, blocked))
-        # The clock never runs backwards: a correction larger than this interval is paid off
-        # by the following ones.
-        d_lambda -= self._debt
-        self._debt = max(0.0, -d_lambda)
-        d_lambda = max(0.0, d_lambda)
-        self._elapsed += d_lambda
-        self._rate = d_lambda / dt if dt > 0 else self._rate
+            self._rate = max(0.0, (elapsed - self._elapsed) / dt)
+        self._elapsed = elapsed
         self._t_last = now
         return self._elapsed
-
-    def _move_back(self, now: float, late_run: float, late_wait: float) -> tuple[float, float]:
-        """Move late-reported thread-seconds back onto recent blocked time: (run, wait) moved.
-
-        The kernel adds a wait spell to run_delay only when the task gets a CPU again (and a
-        running task's run time only at the next tick or switch), so an interval spent waiting
-        reads as "nothing runnable" and passes at wall speed; the wait shows up later, as more
-        runnable seconds in one task than the interval had (per task, run + wait > dt: the
-        "late" part). Without a correction 8 busy copies on 2 cores read ~3x their CPU time.
-        The late part is moved back onto blocked time of recent intervals (newest first, at
-        most LATE_WAIT_HORIZON_S back), wait first. Because lateness is judged per task, truly
-        parallel threads (many runnable seconds, none late) are not affected.
-        """
-        blocked = self._blocked
-        while blocked and blocked[0][0] < now - LATE_WAIT_HORIZON_S:
-            blocked.popleft()
-        budget = late_run + late_wait
-        moved = 0.0
-        while budget > moved and blocked:
-            t, amount = blocked.pop()
-            take = min(amount, budget - moved)
-            moved += take
-            if amount > take:
-                blocked.append((t, amount - take))
-        moved_wait = min(moved, late_wait)
-        return moved - moved_wait, moved_wait
 
     def elapsed(self) -> float:
         """Last sampled Lambda-clock value, without sampling."""
@@ -214,14 +177,9 @@ class InvocationClock:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _collect(self, dt: float = 0.0) -> tuple[int, int, int, int]:
-        """Read every task of the tree: summed run and wait deltas, and their late parts (ns).
-
-        A task's late part is what its run + wait delta exceeds `dt` by, wait first: one task
-        cannot be runnable longer than the interval, so the excess happened before it.
-        """
-        d_run = d_wait = late_run = late_wait = 0
-        dt_ns = int(dt * 1e9)
+    def _collect(self) -> tuple[int, int]:
+        """Read every task of the tree: run and wait (ns) added since the previous read."""
+        d_run = d_wait = 0
         seen: set[int] = set()
         tasks = self._tasks
         try:
@@ -257,19 +215,13 @@ class InvocationClock:
                     continue
                 if run < old_run or wait < old_wait:
                     old_run = old_wait = 0  # cannot go backwards: a different task
-                r, w = run - old_run, wait - old_wait
-                d_run += r
-                d_wait += w
-                excess = r + w - dt_ns
-                if excess > 0:
-                    lw = min(w, excess)
-                    late_wait += lw
-                    late_run += excess - lw
+                d_run += run - old_run
+                d_wait += wait - old_wait
                 tasks[tid] = (fd, run, wait)
                 seen.add(tid)
         for tid in [t for t in tasks if t not in seen]:
             os.close(tasks.pop(tid)[0])  # vanished: contributes what it had at its last sample
-        return d_run, d_wait, late_run, late_wait
+        return d_run, d_wait
 
     def _close_fds(self) -> None:
         tasks = getattr(self, "_tasks", {})
