@@ -30,14 +30,19 @@ if TYPE_CHECKING:
 
 NOFILE_LIMIT = 1024  # quotas.NOFILE_LIMIT, repeated to keep this module's imports minimal
 _HEADER = struct.Struct("<I")
-SPIN_S = 0.0002
+# How long a reader looks for a message before it sleeps (see Channel._fill). The service waits
+# for answers that take tens of microseconds; the runtime waits for the next invocation, which a
+# busy caller sends within a few hundred microseconds of the last answer.
+SERVICE_SPIN_S = 0.0002
+RUNTIME_SPIN_S = 0.001
 
 
 class Channel:
     """Length-prefixed pickle messages over a socket: the service's end and the runtime's end."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, spin_s: float = SERVICE_SPIN_S) -> None:
         self.sock = sock
+        self.spin_s = spin_s
         self._buf = bytearray()
 
     def fileno(self) -> int:
@@ -55,7 +60,7 @@ class Channel:
                 # wake-ups) against ~5 us for a short spin: answers to warm invocations often
                 # arrive within it, so look without sleeping first.
                 spun = True
-                end = time.perf_counter() + SPIN_S
+                end = time.perf_counter() + self.spin_s
                 while True:
                     try:
                         chunk = self.sock.recv(max(65536, n - len(self._buf)), socket.MSG_DONTWAIT)
@@ -410,6 +415,6 @@ def _invoke(
 
 def run_on_fd(fd: int) -> None:
     """Run the runtime on a channel descriptor: read the BootSpec, then serve until told to stop."""
-    conn = Channel(socket.socket(fileno=fd))
+    conn = Channel(socket.socket(fileno=fd), RUNTIME_SPIN_S)
     spec = conn.recv()
     main(conn, spec)
