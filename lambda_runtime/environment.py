@@ -194,8 +194,9 @@ class ExecutionEnvironment(abc.ABC):
             }
         )
         if self.endpoint:
+            # AWS_LAMBDA_RUNTIME_API is not set: the runtime talks to the service over a pipe,
+            # and no Runtime API is served that a custom runtime could poll.
             env["AWS_ENDPOINT_URL_LAMBDA"] = self.endpoint
-            env["AWS_LAMBDA_RUNTIME_API"] = self.endpoint.split("://", 1)[-1]
         env.update(fn.environment)
         return env
 
