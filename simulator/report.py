@@ -1,0 +1,705 @@
+"""The run report: numbers from the ledger, the logs and the progress table; summary and files.
+
+:func:`build_report` reads a finished run's output directory and returns the ``report.json``
+document; :func:`write_report` writes it with ``summary.txt`` and the plots. Both work on any
+finished run (``python -m simulator report DIR``): everything is recomputed from the artifacts.
+
+Output directory::
+
+    settings.json          the resolved RunSettings
+    run.json               what only the runner saw (times, throttles, rescues, host, EFS sizes)
+    lambda/invocations.jsonl   one billing record per invocation (lambda_runtime's ledger)
+    lambda/logs/train/*.log    the Lambda log streams, one per execution environment
+    progress.sqlite        the progress table (schema in simulator.progress)
+    model/                 the final model: array-<k>.npy and summary.json
+    report.json            this document
+    summary.txt            the summary as printed
+    curves.png, timeline.png
+
+``report.json`` schema (``schema_version`` 1; times in seconds, sizes in MB unless named)::
+
+    schema, schema_version
+    run:          id, status ('finished'|'failed'), reason, out_dir, function, started_at (Unix s)
+    settings:     the RunSettings
+    training:     rounds (combined), rounds_planned, epochs_done, final_loss, final_accuracy,
+                  final_train_loss, curve: [{round, epoch, epochs_done, samples, train_loss, loss,
+                  accuracy, worker_ms_max, combine_ms, t_s}]
+    time:         wall_s (laptop: start invoke to the final combine's end), runner_wall_s,
+                  lambda_s (sum of Init + Duration on the Lambda clock), predicted_s (real
+                  Lambda, critical path), predicted_local_s (same layout on this machine's
+                  measured overheads), efs_mode
+    invocations:  total, cold, warm, failed, retried, throttled, timeouts, oom, crashes, errors,
+                  rescues, unattributed, by_role: {role: {count, cold, failed, retried,
+                  lambda_s, billed_ms}}
+    phases:       [{phase, critical_path_s, all_invocations_s}]  (predicted on real Lambda)
+    prediction:   aws: {platform, total_s, finished, critical_path_phases_s,
+                  all_invocations_phases_s, efs_read_bytes, efs_write_bytes, critical_path},
+                  local: {...same without critical_path}
+    cost:         lambda: {requests, request_usd, billed_ms, gb_s, duration_usd, ephemeral_gb_s,
+                  ephemeral_usd, total_usd, architecture}, efs: {mode, stored_gb, storage_usd,
+                  read_gb, write_gb, transfer_usd, total_usd}, total_usd   (us-east-1, no free
+                  tier; EFS storage prorated over the predicted run time)
+    resources:    {role: {memory_peak_mb, memory_limit_mb, memory_fraction, tmp_peak_mb,
+                  tmp_limit_mb, tmp_fraction}}
+    warnings:     [text]       e.g. a role within 10% of its memory or /tmp limit
+    timeline:     [{request_id, attempt, role, round, worker, env, cold, status, error_type,
+                  start_s, end_s, init_ms, duration_ms, billed_ms, max_memory_mb, tmp_peak_mb,
+                  predicted_start_s, predicted_end_s}]  (start_s: laptop seconds since start)
+    checks:       {logs_agree, report_lines, ledger_records, billed_ms_logs, billed_ms_ledger,
+                  differences: [text]}
+    host:         cores, memory_mb, mechanisms
+    files:        {name: relative path}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lambda_runtime import billing
+from lambda_runtime.billing import InvocationRecord
+from lambda_runtime.logs import list_streams, read_stream
+from simulator.predict import (
+    GIB,
+    Invocation,
+    Prediction,
+    RunShape,
+    aws_platform,
+    calibrated_local_platform,
+    estimate_io,
+    predict,
+)
+
+SCHEMA = "lambda-efs-sim/report"
+SCHEMA_VERSION = 1
+FUNCTION = "train"
+LIMIT_WARNING_FRACTION = 0.9
+HOURS_PER_MONTH = 730.0  # AWS prorates GB-month charges over 730 hours
+ROLES = ("start", "worker", "combine")
+
+REPORT_LINE = re.compile(
+    r"REPORT RequestId: (?P<id>\S+)\tDuration: (?P<duration>[\d.]+) ms\t"
+    r"Billed Duration: (?P<billed>\d+) ms\tMemory Size: (?P<memory>\d+) MB\t"
+    r"Max Memory Used: (?P<max_memory>\d+) MB"
+    r"(?:\tInit Duration: (?P<init>[\d.]+) ms)?"
+    r"(?:\tStatus: (?P<status>\w+))?(?:\tError Type: (?P<error_type>\S+))?"
+)
+SIM_LINE = re.compile(r"^\[simulator\] (\{.*\})\s*$", re.MULTILINE)
+
+
+# ------------------------------------------------------------------------------------------
+# Logs
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    """One parsed REPORT line."""
+
+    request_id: str
+    duration_ms: float
+    billed_ms: int
+    memory_mb: int
+    max_memory_mb: int
+    init_ms: float | None
+    status: str | None
+    error_type: str | None
+
+
+@dataclass
+class LogFacts:
+    """What the log streams say: REPORT lines, and each request's role and outcome."""
+
+    reports: list[ReportLine] = field(default_factory=list)
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse_report_line(line: str) -> ReportLine | None:
+    """A REPORT line's fields, or None if `line` is not one."""
+    m = REPORT_LINE.match(line)
+    if m is None:
+        return None
+    init = m.group("init")
+    return ReportLine(
+        m.group("id"),
+        float(m.group("duration")),
+        int(m.group("billed")),
+        int(m.group("memory")),
+        int(m.group("max_memory")),
+        None if init is None else float(init),
+        m.group("status"),
+        m.group("error_type"),
+    )
+
+
+def read_logs(lambda_dir: Path, function: str = FUNCTION) -> LogFacts:
+    """Parse every log stream of `function` under the service's run directory."""
+    facts = LogFacts()
+    for stream in list_streams(lambda_dir, function):
+        text = read_stream(stream)
+        for line in text.splitlines():
+            if line.startswith("REPORT RequestId: "):
+                parsed = parse_report_line(line)
+                if parsed is not None:
+                    facts.reports.append(parsed)
+        for m in SIM_LINE.finditer(text):
+            try:
+                item = json.loads(m.group(1))
+            except ValueError:
+                continue
+            rid = item.get("request_id")
+            if not isinstance(rid, str):
+                continue
+            if "role" in item:
+                facts.roles[rid] = item
+            elif isinstance(item.get("done"), dict):
+                facts.done[rid] = item["done"]
+    return facts
+
+
+def check_logs(records: Sequence[InvocationRecord], facts: LogFacts) -> dict[str, Any]:
+    """Do the REPORT lines and the billing ledger tell the same story?"""
+    differences: list[str] = []
+    by_log: dict[str, list[ReportLine]] = defaultdict(list)
+    for line in facts.reports:
+        by_log[line.request_id].append(line)
+    by_ledger: dict[str, list[InvocationRecord]] = defaultdict(list)
+    for r in records:
+        by_ledger[r.request_id].append(r)
+    for rid in sorted(set(by_log) | set(by_ledger)):
+        logged = sorted(x.billed_ms for x in by_log.get(rid, []))
+        ledgered = sorted(x.billed_ms for x in by_ledger.get(rid, []))
+        if logged != ledgered:
+            differences.append(f"{rid}: billed ms in logs {logged}, in ledger {ledgered}")
+    billed_logs = sum(x.billed_ms for x in facts.reports)
+    billed_ledger = sum(r.billed_ms for r in records)
+    return {
+        "logs_agree": not differences and len(facts.reports) == len(records),
+        "report_lines": len(facts.reports),
+        "ledger_records": len(records),
+        "billed_ms_logs": billed_logs,
+        "billed_ms_ledger": billed_ledger,
+        "differences": differences[:20],
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Attribution
+
+
+@dataclass(frozen=True)
+class Attributed:
+    """A ledger record with its role, round and worker (from the `[simulator]` log lines)."""
+
+    record: InvocationRecord
+    role: str
+    round: int | None
+    worker: int | None
+    done: Mapping[str, Any] | None
+
+
+def attribute(records: Sequence[InvocationRecord], facts: LogFacts) -> list[Attributed]:
+    """Join records with the role line of their request and the done line of its success."""
+    out: list[Attributed] = []
+    for r in records:
+        role_line = facts.roles.get(r.request_id) or {}
+        done = facts.done.get(r.request_id) if r.status == "success" else None
+        role = str(role_line.get("role", "unknown"))
+        rnd = role_line.get("round")
+        if rnd is None and facts.done.get(r.request_id):
+            rnd = facts.done[r.request_id].get("round")
+        worker = role_line.get("worker")
+        out.append(
+            Attributed(
+                r,
+                role,
+                rnd if isinstance(rnd, int) else None,
+                worker if isinstance(worker, int) else None,
+                done,
+            )
+        )
+    return out
+
+
+def to_invocations(items: Sequence[Attributed], shape: RunShape, t0: float) -> list[Invocation]:
+    """The predictor's view of each attributed record (EFS traffic estimated)."""
+    out = []
+    for a in items:
+        r, done = a.record, a.done or {}
+        samples = int(done.get("samples") or 0)
+        fanout = 0
+        if (a.role == "start" and done.get("status") == "started") or (
+            a.role == "combine" and done.get("next_round_invoked")
+        ):
+            fanout = shape.workers
+        elif a.role == "worker" and done.get("combine_invoked"):
+            fanout = 1
+        io = estimate_io(
+            a.role,
+            shape,
+            cold=r.cold,
+            samples=samples,
+            fanout_claim=a.role == "worker" and fanout > 0,
+        )
+        out.append(
+            Invocation(
+                request_id=r.request_id,
+                attempt=r.attempt,
+                role=a.role,
+                round=a.round,
+                worker=a.worker,
+                env_id=r.environment_id,
+                cold=r.cold,
+                init_ms=r.init_ms or 0.0,
+                duration_ms=r.duration_ms,
+                status=r.status,
+                start_s=r.start_epoch_s - t0,
+                end_s=r.end_epoch_s - t0,
+                io=io,
+                fanout=fanout,
+                fixed=r.status != "success" or bool(done.get("partial")),
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The report
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _progress_rows(out: Path, run_id: str) -> list[Any]:
+    from simulator.progress import SqliteProgressTable
+
+    path = out / "progress.sqlite"
+    if not path.exists():
+        return []
+    return SqliteProgressTable(path).rounds(run_id)
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def build_report(out_dir: str | Path) -> dict[str, Any]:
+    """The report.json document of the run in `out_dir` (recomputed from its artifacts)."""
+    out = Path(out_dir)
+    settings = _read_json(out / "settings.json")
+    run = _read_json(out / "run.json")
+    if not settings or not run:
+        raise FileNotFoundError(
+            f"{out}: not a finished run directory (settings.json and run.json are written by "
+            "'python -m simulator run')"
+        )
+    lambda_dir = out / "lambda"
+    with billing.Ledger(lambda_dir) as ledger:
+        recs = ledger.records(FUNCTION)
+    facts = read_logs(lambda_dir)
+    items = attribute(recs, facts)
+    t0 = float(run.get("start_invoked_at") or (min((r.start_epoch_s for r in recs), default=0.0)))
+    shape = RunShape(**run["shape"]) if run.get("shape") else _empty_shape(int(settings["workers"]))
+    invs = to_invocations(items, shape, t0)
+    stall = float(run.get("aws_stall_after_s") or 0.0)
+    aws = predict(
+        invs,
+        aws_platform(str(settings.get("efs_mode", "elastic")), shape.stored_bytes),
+        workers=shape.workers,
+        stall_after_s=stall,
+    )
+    local_platform = calibrated_local_platform(
+        invs, shape.workers, float(settings.get("time_scale", 1.0))
+    )
+    local = predict(
+        invs,
+        local_platform,
+        workers=shape.workers,
+        stall_after_s=float(run.get("local_stall_after_s") or 0.0),
+    )
+    rows = _progress_rows(out, str(settings.get("run_id", "train")))
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "run": {
+            "id": settings.get("run_id"),
+            "status": run.get("status"),
+            "reason": run.get("reason"),
+            "out_dir": str(out.resolve()),
+            "function": FUNCTION,
+            "started_at": run.get("start_invoked_at"),
+        },
+        "settings": settings,
+        "training": _training(rows, run, t0),
+        "time": _time(run, items, aws, local, t0, settings),
+        "invocations": _invocations(items, run),
+        "phases": [
+            {"phase": p, "critical_path_s": aws.phases_s[p], "all_invocations_s": aws.totals_s[p]}
+            for p in aws.phases_s
+        ],
+        "prediction": {"aws": aws.to_json(), "local": local.to_json(with_path=False)},
+        "cost": _cost(recs, aws, shape, settings),
+        "resources": _resources(items, settings),
+        "warnings": [],
+        "timeline": _timeline(items, invs, aws),
+        "checks": check_logs(recs, facts),
+        "host": run.get("host", {}),
+        "files": {
+            "settings": "settings.json",
+            "run": "run.json",
+            "ledger": f"lambda/{billing.LEDGER_FILE}",
+            "logs": f"lambda/logs/{FUNCTION}",
+            "progress": "progress.sqlite",
+            "model": "model",
+            "curves": "curves.png",
+            "timeline": "timeline.png",
+            "summary": "summary.txt",
+        },
+    }
+    report["warnings"] = _warnings(report, run)
+    return report
+
+
+def _empty_shape(workers: int) -> RunShape:
+    return RunShape(workers, 0, 0, False, 0, 0, 0, 0)
+
+
+def _training(rows: Sequence[Any], run: Mapping[str, Any], t0: float) -> dict[str, Any]:
+    combined = [r for r in rows if r.status == "combined"]
+    evaluated = [r for r in combined if r.loss is not None]
+    last = evaluated[-1] if evaluated else None
+    return {
+        "rounds": len(combined),
+        "rounds_planned": run.get("rounds_planned"),
+        "epochs_done": combined[-1].epochs_done if combined else 0.0,
+        "final_loss": _finite(last.loss) if last else None,
+        "final_accuracy": last.accuracy if last else None,
+        "final_train_loss": _finite(combined[-1].train_loss) if combined else None,
+        "curve": [
+            {
+                "round": r.round,
+                "epoch": r.epoch,
+                "epochs_done": r.epochs_done,
+                "samples": r.samples,
+                "train_loss": _finite(r.train_loss),
+                "loss": _finite(r.loss),
+                "accuracy": r.accuracy,
+                "worker_ms_max": r.worker_ms_max,
+                "combine_ms": r.combine_ms,
+                "t_s": None if r.combined_at is None else r.combined_at - t0,
+            }
+            for r in combined
+        ],
+    }
+
+
+def _time(
+    run: Mapping[str, Any],
+    items: Sequence[Attributed],
+    aws: Prediction,
+    local: Prediction,
+    t0: float,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    ends = [a.record.end_epoch_s for a in items]
+    final_end = run.get("final_end_at")
+    end = float(final_end) if final_end else (max(ends) if ends else t0)
+    return {
+        "wall_s": max(0.0, end - t0),
+        "runner_wall_s": run.get("runner_wall_s"),
+        "lambda_s": sum(((a.record.init_ms or 0.0) + a.record.duration_ms) for a in items) / 1000.0,
+        "predicted_s": aws.total_s,
+        "predicted_finished": aws.finished,
+        "predicted_local_s": local.total_s,
+        "efs_mode": settings.get("efs_mode", "elastic"),
+    }
+
+
+def _invocations(items: Sequence[Attributed], run: Mapping[str, Any]) -> dict[str, Any]:
+    recs = [a.record for a in items]
+    by_role: dict[str, dict[str, Any]] = {}
+    for role in sorted({a.role for a in items}):
+        rs = [a.record for a in items if a.role == role]
+        by_role[role] = {
+            "count": len(rs),
+            "cold": sum(r.cold for r in rs),
+            "failed": sum(r.status != "success" for r in rs),
+            "retried": sum(r.attempt > 1 for r in rs),
+            "lambda_s": sum((r.init_ms or 0.0) + r.duration_ms for r in rs) / 1000.0,
+            "billed_ms": sum(r.billed_ms for r in rs),
+        }
+    return {
+        "total": len(recs),
+        "cold": sum(r.cold for r in recs),
+        "warm": sum(not r.cold for r in recs),
+        "failed": sum(r.status != "success" for r in recs),
+        "retried": sum(r.attempt > 1 for r in recs),
+        "throttled": int(run.get("throttled", 0)),
+        "timeouts": sum(r.status == "timeout" for r in recs),
+        "oom": sum(r.status == "oom" for r in recs),
+        "crashes": sum(r.status == "crash" for r in recs),
+        "errors": sum(r.status == "error" for r in recs),
+        "rescues": len([x for x in run.get("watchdog", []) if x.get("status") == "rescued"]),
+        "unattributed": sum(a.role == "unknown" for a in items),
+        "by_role": by_role,
+    }
+
+
+def _cost(
+    recs: Sequence[InvocationRecord], aws: Prediction, shape: RunShape, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    s = billing.summarize(recs)
+    mode = str(settings.get("efs_mode", "elastic"))
+    stored_gb = shape.stored_bytes / GIB
+    storage = (
+        stored_gb * billing.EFS_STANDARD_USD_PER_GB_MONTH * aws.total_s / (HOURS_PER_MONTH * 3600)
+    )
+    read_gb, write_gb = aws.efs_read_bytes / GIB, aws.efs_write_bytes / GIB
+    transfer = 0.0
+    if mode == "elastic":  # bursting has no transfer charge (spec §8)
+        transfer = (
+            read_gb * billing.EFS_ELASTIC_READ_USD_PER_GB
+            + write_gb * billing.EFS_ELASTIC_WRITE_USD_PER_GB
+        )
+    lam = {
+        "requests": s.invocations,
+        "request_usd": s.request_usd,
+        "billed_ms": s.billed_ms,
+        "gb_s": s.gb_s,
+        "duration_usd": s.duration_usd,
+        "ephemeral_gb_s": s.ephemeral_gb_s,
+        "ephemeral_usd": s.ephemeral_usd,
+        "total_usd": s.total_usd,
+        "architecture": settings.get("architecture", "x86_64"),
+    }
+    efs = {
+        "mode": mode,
+        "stored_gb": stored_gb,
+        "storage_usd": storage,
+        "read_gb": read_gb,
+        "write_gb": write_gb,
+        "transfer_usd": transfer,
+        "total_usd": storage + transfer,
+    }
+    return {"lambda": lam, "efs": efs, "total_usd": s.total_usd + storage + transfer}
+
+
+def _resources(items: Sequence[Attributed], settings: Mapping[str, Any]) -> dict[str, Any]:
+    memory = int(settings.get("memory", 0)) or 1
+    tmp = int(settings.get("ephemeral", 512)) or 1
+    out: dict[str, Any] = {}
+    for role in sorted({a.role for a in items}):
+        rs = [a.record for a in items if a.role == role]
+        peak_mem = max(r.max_memory_mb for r in rs)
+        peak_tmp = max(r.tmp_peak_mb for r in rs)
+        out[role] = {
+            "memory_peak_mb": peak_mem,
+            "memory_limit_mb": memory,
+            "memory_fraction": peak_mem / memory,
+            "tmp_peak_mb": peak_tmp,
+            "tmp_limit_mb": tmp,
+            "tmp_fraction": peak_tmp / tmp,
+        }
+    return out
+
+
+def _warnings(report: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+    warnings: list[str] = []
+    for role, res in report["resources"].items():
+        for what, key, unit in (("memory", "memory", "MB"), ("/tmp", "tmp", "MB")):
+            frac = res[f"{key}_fraction"]
+            if frac >= LIMIT_WARNING_FRACTION:
+                warnings.append(
+                    f"{role}: peak {what} {res[f'{key}_peak_mb']:.0f} {unit} is within 10% of the "
+                    f"configured {res[f'{key}_limit_mb']} {unit} ({frac:.0%})"
+                )
+    inv = report["invocations"]
+    if inv["unattributed"]:
+        warnings.append(
+            f"{inv['unattributed']} invocation(s) left no [simulator] role line in the logs "
+            "(failed before the handler ran); they are counted but not laid out"
+        )
+    if not report["checks"]["logs_agree"]:
+        warnings.append("the REPORT lines in the logs and the billing ledger differ (see checks)")
+    warnings.extend(str(w) for w in run.get("host_notes", []))
+    return warnings
+
+
+def _timeline(
+    items: Sequence[Attributed], invs: Sequence[Invocation], aws: Prediction
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for a, inv in zip(items, invs, strict=True):
+        r = a.record
+        placed = aws.placed.get(inv.key)
+        rows.append(
+            {
+                "request_id": r.request_id,
+                "attempt": r.attempt,
+                "role": a.role,
+                "round": a.round,
+                "worker": a.worker,
+                "env": r.environment_id,
+                "cold": r.cold,
+                "status": r.status,
+                "error_type": r.error_type,
+                "start_s": inv.start_s,
+                "end_s": inv.end_s,
+                "init_ms": r.init_ms,
+                "duration_ms": r.duration_ms,
+                "billed_ms": r.billed_ms,
+                "max_memory_mb": r.max_memory_mb,
+                "tmp_peak_mb": r.tmp_peak_mb,
+                "predicted_start_s": None if placed is None else _finite(placed.start_s),
+                "predicted_end_s": None if placed is None else _finite(placed.end_s),
+            }
+        )
+    rows.sort(key=lambda x: float(x["start_s"]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Summary text
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x >= 3600:
+        return f"{x / 3600:.2f} h"
+    if x >= 120:
+        return f"{x / 60:.1f} min"
+    return f"{x:.2f} s"
+
+
+def _fmt_usd(x: float) -> str:
+    return f"${x:.6f}" if x < 0.01 else f"${x:.4f}"
+
+
+def _fmt_num(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """The final summary as plain text (also written to summary.txt)."""
+    run, tr, tm, inv = report["run"], report["training"], report["time"], report["invocations"]
+    st, cost = report["settings"], report["cost"]
+    lines = [
+        f"run {run['id']}: {run['status']}" + (f" ({run['reason']})" if run.get("reason") else ""),
+        f"  {st['workers']} workers x {st['memory']} MB, timeout {st['timeout']} s, "
+        f"/tmp {st['ephemeral']} MB; model {st['model']} on {st['dataset']}, {st['algorithm']}",
+        "",
+        "time",
+        f"  laptop wall time            {_fmt_s(tm['wall_s'])}",
+        f"  Lambda time (all invocations, Lambda clock)  {_fmt_s(tm['lambda_s'])}",
+        f"  predicted end-to-end on Lambda ({tm['efs_mode']} EFS)  {_fmt_s(tm['predicted_s'])}"
+        + ("" if tm.get("predicted_finished", True) else "  (run did not finish)"),
+        f"  same layout with this machine's overheads   {_fmt_s(tm['predicted_local_s'])}",
+        "",
+        "training",
+        f"  rounds {tr['rounds']}"
+        + (f" of {tr['rounds_planned']}" if tr.get("rounds_planned") else "")
+        + f", epochs {tr['epochs_done'] or 0:g}",
+        f"  final held-out loss {_fmt_num(tr['final_loss'])}, accuracy "
+        f"{_fmt_num(tr['final_accuracy'], '.2%')}",
+        "",
+        "invocations",
+        f"  {inv['total']} total: {inv['cold']} cold, {inv['warm']} warm, {inv['failed']} failed "
+        f"({inv['timeouts']} timeouts, {inv['oom']} out of memory, {inv['crashes']} crashes, "
+        f"{inv['errors']} errors), {inv['retried']} retries, {inv['throttled']} throttled, "
+        f"{inv['rescues']} watchdog rescues",
+    ]
+    for role, d in inv["by_role"].items():
+        lines.append(
+            f"  {role:<8} {d['count']:>5} invocations, {d['cold']} cold, {d['failed']} failed, "
+            f"{_fmt_s(d['lambda_s'])} Lambda time"
+        )
+    lines += ["", "time per phase (predicted on Lambda)     critical path   all invocations"]
+    for p in report["phases"]:
+        lines.append(
+            f"  {p['phase']:<28} {_fmt_s(p['critical_path_s']):>16}"
+            f" {_fmt_s(p['all_invocations_s']):>17}"
+        )
+    lam, efs = cost["lambda"], cost["efs"]
+    lines += [
+        "",
+        "cost (us-east-1, no free tier)",
+        f"  Lambda duration  {lam['gb_s']:.3f} GB-s  {_fmt_usd(lam['duration_usd'])}"
+        f"   (/tmp {lam['ephemeral_gb_s']:.3f} GB-s {_fmt_usd(lam['ephemeral_usd'])})",
+        f"  requests         {lam['requests']}  {_fmt_usd(lam['request_usd'])}",
+        f"  EFS ({efs['mode']})  {efs['read_gb'] * 1024:.1f} MiB read, {efs['write_gb'] * 1024:.1f}"
+        f" MiB written, {efs['stored_gb'] * 1024:.1f} MiB stored  {_fmt_usd(efs['total_usd'])}",
+        f"  total            {_fmt_usd(cost['total_usd'])}",
+        "",
+        "peak memory and /tmp per role",
+    ]
+    for role, res in report["resources"].items():
+        lines.append(
+            f"  {role:<8} memory {res['memory_peak_mb']:.0f} / {res['memory_limit_mb']} MB "
+            f"({res['memory_fraction']:.0%}), /tmp {res['tmp_peak_mb']:.1f} / "
+            f"{res['tmp_limit_mb']} MB ({res['tmp_fraction']:.0%})"
+        )
+    if report["warnings"]:
+        lines += ["", "warnings"] + [f"  ! {w}" for w in report["warnings"]]
+    lines += ["", f"output: {run['out_dir']}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.json, summary.txt and the plots into `out_dir`; returns the report."""
+    out = Path(out_dir)
+    doc = dict(report) if report is not None else build_report(out)
+    (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    (out / "summary.txt").write_text(format_summary(doc))
+    from simulator.plots import plot_curves, plot_timeline
+
+    plot_curves(doc, out / "curves.png")
+    plot_timeline(doc, out / "timeline.png")
+    return doc
+
+
+def load_report(out_dir: str | Path) -> dict[str, Any]:
+    """report.json of a run directory."""
+    path = Path(out_dir) / "report.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a {SCHEMA} document")
+    return data
+
+
+def role_counts(items: Iterable[Attributed]) -> dict[str, int]:
+    """Invocations per role."""
+    counts: dict[str, int] = defaultdict(int)
+    for a in items:
+        counts[a.role] += 1
+    return dict(counts)
+
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Attributed",
+    "LogFacts",
+    "ReportLine",
+    "attribute",
+    "build_report",
+    "check_logs",
+    "format_summary",
+    "load_report",
+    "parse_report_line",
+    "read_logs",
+    "role_counts",
+    "to_invocations",
+    "write_report",
+]

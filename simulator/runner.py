@@ -1,0 +1,742 @@
+"""Build and run one training run on the local Lambda service, watch it, and collect its report.
+
+A run: an output directory; a :class:`~lambda_runtime.LambdaService` whose run directory is
+``<out>/lambda``; the training function registered from the example's code directory with the
+settings' memory, timeout, /tmp, retries and an EFS mount of ``<out>/efs``; a start event
+(``{"start": true, "workers": N, "run": ..., "config": {...}}``, invoked synchronously on a side
+thread so its error, if any, comes back at once). Then the runner polls the progress table, the
+billing ledger and the pool until the run finishes or fails, and shows progress through a
+:class:`ProgressSink`.
+
+Liveness. The protocol's watchdog (``check_stalled``) runs every few seconds, as an EventBridge
+schedule would on AWS. Locally the runner also knows when *nothing* is in flight (no queued or
+running event, the start returned) while the run is neither finished nor failed: then nothing
+can ever move it, so the watchdog is asked at once, as if its stall period had passed, to rescue
+the round or, after ``max_rescues``, to fail the run with its reason. A run is failed when a round
+never completed and its rescues are spent, when the start failed, with ``fail_fast`` at the first
+out-of-memory or timed-out invocation, at ``max_wall`` laptop seconds, or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lambda_runtime import FunctionConfig, LambdaService
+from lambda_runtime.billing import LEDGER_FILE, InvocationRecord
+from lambda_runtime.errors import ServiceError
+from simulator.progress import RoundRow, SqliteProgressTable
+from simulator.protocol import (
+    RETRY_DELAYS_S,
+    STALL_SLACK_S,
+    EventError,
+    Schedule,
+    TrainingConfig,
+    Workspace,
+    check_stalled,
+)
+from simulator.settings import RunSettings, SettingsError, check_runnable
+
+FUNCTION = "train"
+HANDLER = "handler.handler"
+MOUNT = "/mnt/efs"
+PACKAGED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "numpy_digits"
+POLL_S = 0.2
+CHECK_EVERY_S = 5.0
+IDLE_GRACE_S = 0.5
+# Expected peak RSS of one execution environment before any run told us better (MB): a NumPy
+# runtime, TensorFlow with a small CNN, TensorFlow with VGG19 at 224x224 (keras_models docstring).
+ENV_MB_GUESS = {"softmax": 120, "mlp": 150, "cnn": 900, "vgg19": 1500}
+HOST_MEMORY_SHARE = 0.85
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# Settings names of TrainingConfig fields, for errors the protocol's validation raises.
+_CONFIG_FLAGS = {
+    "max_rounds": "rounds",
+    "timeout_s": "timeout",
+    "max_retry_attempts": "retries",
+    "stall_after_s": "stall_after",
+}
+
+
+class HostCapacityError(RuntimeError):
+    """This machine cannot hold the run's execution environments at once."""
+
+
+@dataclass
+class Snapshot:
+    """What the live display shows."""
+
+    elapsed_s: float = 0.0
+    phase: str = "starting"
+    round: int | None = None
+    rounds_done: int = 0
+    rounds_planned: int | None = None
+    epoch: int | None = None
+    epochs_done: float = 0.0
+    loss: float | None = None
+    accuracy: float | None = None
+    active_envs: int = 0
+    environments: int = 0
+    invocations: int = 0
+    cold: int = 0
+    failed: int = 0
+    timeouts: int = 0
+    ooms: int = 0
+    retries: int = 0
+    throttled: int = 0
+    rescues: int = 0
+    lambda_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+class ProgressSink(Protocol):
+    """Receives progress while a run goes on (rich display, JSON lines, nothing)."""
+
+    def update(self, snap: Snapshot) -> None:
+        """The current state (called every poll)."""
+
+    def round_done(self, row: RoundRow, snap: Snapshot) -> None:
+        """A round was combined."""
+
+    def note(self, text: str) -> None:
+        """Something worth a line (a rescue, a failure)."""
+
+    def close(self) -> None:
+        """The run is over."""
+
+
+class NullSink:
+    """Shows nothing."""
+
+    def update(self, snap: Snapshot) -> None:
+        """Nothing."""
+
+    def round_done(self, row: RoundRow, snap: Snapshot) -> None:
+        """Nothing."""
+
+    def note(self, text: str) -> None:
+        """Nothing."""
+
+    def close(self) -> None:
+        """Nothing."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended, where its files are, and its report."""
+
+    status: str
+    reason: str | None
+    out_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """The run finished."""
+        return self.status == "finished"
+
+
+class _Service(LambdaService):
+    """The local service, counting async events that had to wait for concurrency (throttles).
+
+    lambda_runtime exposes no throttle counter for async events (they wait in its queue), so this
+    wraps the queue's runner: it returns None exactly when no concurrency was left.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._throttle_lock = threading.Lock()
+        self.throttled: set[tuple[str, int]] = set()
+        super().__init__(*args, **kwargs)
+
+    def _run_async(self, event: Any) -> Any:
+        result = super()._run_async(event)
+        if result is None:
+            with self._throttle_lock:
+                self.throttled.add((event.request_id, event.attempt))
+        return result
+
+
+class _ServiceInvoker:
+    """The protocol's Invoker for the runner's own watchdog calls: async invokes in-process."""
+
+    def __init__(self, svc: LambdaService) -> None:
+        self.svc = svc
+
+    def invoke_async(self, function_name: str, event: Mapping[str, Any]) -> None:
+        """Queue an Event invocation."""
+        result = self.svc.invoke(function_name, dict(event), invocation_type="Event")
+        if result.status_code != 202:
+            raise RuntimeError(f"invoke {function_name}: expected 202, got {result.status_code}")
+
+
+class _LedgerTail:
+    """Reads the billing ledger incrementally (whole lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def poll(self) -> list[InvocationRecord]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [
+            InvocationRecord.from_json(json.loads(line))
+            for line in complete.splitlines()
+            if line.strip()
+        ]
+
+
+# ------------------------------------------------------------------------------------------
+# Setting the run up
+
+
+def default_out_dir(settings: RunSettings) -> Path:
+    """runs/<date-time>-<model>-<N>w under the current directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{settings.model}-{settings.workers}w"
+
+
+def code_dir_for(settings: RunSettings, out: Path) -> Path:
+    """The function's code: the settings' directory, the repository's example, or a shim."""
+    if settings.code_dir is not None:
+        return Path(settings.code_dir)
+    if (PACKAGED_EXAMPLE / "handler.py").is_file():
+        return PACKAGED_EXAMPLE
+    # Installed without the examples: the handler is the package's, re-exported from a file.
+    shim = out / "code"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "handler.py").write_text(
+        "from simulator.handler import handler\n\n__all__ = ['handler']\n"
+    )
+    return shim
+
+
+def oversubscription(settings: RunSettings, cores: int | None = None) -> float:
+    """How many times over the run's vCPUs (all workers at once) book this machine's cores."""
+    cores = cores or len(os.sched_getaffinity(0)) or 1
+    return max(1.0, settings.workers * min(settings.vcpus, 6.0) / cores)
+
+
+def thread_environment(settings: RunSettings) -> dict[str, str]:
+    """BLAS/OpenMP thread counts for the function: the whole vCPUs its memory buys (at least 1).
+
+    NumPy's BLAS otherwise starts one thread per host core in every environment; under a CPU
+    quota of one vCPU those threads spin against each other (measured here: two environments of
+    2 threads each on 2 cores ran a matmul loop 30x slower than with one thread each).
+    """
+    threads = str(max(1, int(settings.vcpus)))
+    return dict.fromkeys(THREAD_VARIABLES, threads)
+
+
+def aws_stall_after(settings: RunSettings) -> float:
+    """The watchdog's stall period on AWS (the protocol's default rule, or the setting)."""
+    if settings.stall_after is not None:
+        return settings.stall_after
+    return (settings.retries + 1) * settings.timeout + RETRY_DELAYS_S + STALL_SLACK_S
+
+
+def local_stall_after(settings: RunSettings) -> float:
+    """The stall period here: Lambda-clock timeouts take longer on a busy laptop, delays scale."""
+    if settings.stall_after is not None:
+        return settings.stall_after
+    return (
+        (settings.retries + 1) * settings.timeout * oversubscription(settings)
+        + RETRY_DELAYS_S * settings.time_scale
+        + STALL_SLACK_S
+    )
+
+
+def training_config(settings: RunSettings) -> dict[str, Any]:
+    """The start event's training config; validated by the protocol's own TrainingConfig."""
+    s = settings
+    cfg: dict[str, Any] = {
+        "model": s.model,
+        "model_kwargs": dict(s.model_kwargs),
+        "dataset": s.dataset,
+        "algorithm": s.algorithm,
+        "lr": s.lr,
+        "momentum": s.momentum,
+        "weight_decay": s.weight_decay,
+        "batch_size": s.batch_size,
+        "steps": s.steps,
+        "epochs": s.epochs,
+        "max_rounds": s.rounds,
+        "target_loss": s.target_loss,
+        "target_accuracy": s.target_accuracy,
+        "seed": s.seed,
+        "mount": MOUNT,
+        "function_name": FUNCTION,
+        "eval_samples": s.eval_samples,
+        "timeout_s": s.timeout,
+        "max_retry_attempts": s.retries,
+        "stall_after_s": local_stall_after(s),
+        "max_rescues": s.max_rescues,
+        "faults": [dict(f) for f in s.faults],
+    }
+    if s.aggregation != "single":
+        cfg["aggregation"] = s.aggregation
+    try:
+        TrainingConfig.from_mapping(cfg, workers=s.workers)
+    except EventError as exc:
+        name = exc.field.removeprefix("config.").split(".")[0].split("[")[0]
+        raise SettingsError(_CONFIG_FLAGS.get(name, name), exc.message) from None
+    return cfg
+
+
+def host_memory_mb() -> int:
+    """Memory this machine can give the run (MemAvailable, or the cgroup's limit if lower)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    if avail is None:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available // (1024 * 1024))
+    return avail
+
+
+def capacity_problem(
+    settings: RunSettings, env_mb: float | None = None, available_mb: int | None = None
+) -> str | None:
+    """Why this machine cannot hold the run's environments at once, or None if it can."""
+    per_env = env_mb if env_mb is not None else ENV_MB_GUESS.get(settings.model, 500)
+    per_env = min(per_env, settings.memory)  # the memory limit caps a well-behaved environment
+    envs = settings.workers + 1  # the combine may need an environment of its own
+    need = envs * per_env
+    available = available_mb if available_mb is not None else host_memory_mb()
+    if need > HOST_MEMORY_SHARE * available:
+        return (
+            f"{envs} execution environments of about {per_env:.0f} MB each need about "
+            f"{need / 1024:.1f} GB at once; this machine has {available / 1024:.1f} GB available"
+        )
+    return None
+
+
+def host_notes(settings: RunSettings) -> list[str]:
+    """Things this machine cannot reproduce faithfully (the run still goes on)."""
+    notes = []
+    total = host_memory_mb()
+    if settings.memory > total:
+        notes.append(
+            f"the {settings.memory} MB memory limit exceeds this machine's {total} MB available: "
+            "an out-of-memory kill at that size cannot happen here"
+        )
+    over = oversubscription(settings)
+    if over > 1:
+        notes.append(
+            f"the workers' {settings.workers * settings.vcpus:.1f} vCPUs share "
+            f"{len(os.sched_getaffinity(0))} cores ({over:.1f}x): laptop time runs about that much "
+            "slower than Lambda time; durations and timeouts use the Lambda clock"
+        )
+    return notes
+
+
+def rounds_planned(settings: RunSettings, n_train: int) -> int | None:
+    """Rounds the run will take if it reaches its epochs or max rounds (no target hit)."""
+    sched = Schedule(n_train, settings.workers, settings.batch_size, settings.steps)
+    limits = []
+    if settings.epochs is not None:
+        limits.append(settings.epochs * sched.rounds_per_epoch)
+    if settings.rounds is not None:
+        limits.append(settings.rounds)
+    return min(limits) if limits else None
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+class Runner:
+    """One run: set up, start, watch, collect. `run()` returns a RunResult (never raises for a
+    failed run; bad settings raise SettingsError before anything starts)."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        sink: ProgressSink | None = None,
+        *,
+        check_capacity: bool = True,
+        env_mb: float | None = None,
+    ) -> None:
+        check_runnable(settings)
+        self.settings = settings
+        self.sink: ProgressSink = sink or NullSink()
+        self.config = training_config(settings)
+        if check_capacity:
+            problem = capacity_problem(settings, env_mb)
+            if problem is not None:
+                raise HostCapacityError(problem)
+        self.out = Path(settings.out) if settings.out else default_out_dir(settings)
+        self._start_result: Any = None
+        self._start_error: str | None = None
+        self._start_done = threading.Event()
+
+    # ---- output directory --------------------------------------------------------------
+    def _prepare_out(self) -> None:
+        out = self.out
+        if (out / "run.json").exists() or (out / "lambda").exists():
+            raise SettingsError(
+                "out", f"{str(out)!r} already holds a run; choose another directory or remove it"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(
+            json.dumps(self.settings.with_values(out=str(out)).to_json(), indent=1) + "\n"
+        )
+
+    # ---- start -------------------------------------------------------------------------
+    def _start(self, svc: LambdaService) -> None:
+        event = {
+            "start": True,
+            "workers": self.settings.workers,
+            "run": self.settings.run_id,
+            "config": self.config,
+        }
+        try:
+            result = svc.invoke(FUNCTION, event)
+            self._start_result = result
+            if result.function_error is not None:
+                try:
+                    body = json.loads(result.payload or b"{}")
+                except ValueError:
+                    body = {}
+                self._start_error = (
+                    f"the start invocation failed: {body.get('errorType', result.function_error)}: "
+                    f"{body.get('errorMessage', '')}".rstrip(": ")
+                )
+        except ServiceError as exc:
+            self._start_error = f"the start invocation was refused: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # the runner must end the run, whatever happened
+            self._start_error = f"the start invocation failed in the service: {exc!r}"
+        finally:
+            self._start_done.set()
+
+    # ---- the whole run -----------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Run to the end and write the report; the result says how it ended."""
+        s = self.settings
+        t_begin = time.time()
+        self._prepare_out()
+        out = self.out
+        efs_dir, lambda_dir = out / "efs", out / "lambda"
+        code_dir = code_dir_for(s, out)
+        svc = _Service(
+            run_dir=lambda_dir,
+            clock=s.clock,
+            isolation=s.isolation,
+            time_scale=s.time_scale,
+            idle_timeout_s=600.0,
+        )
+        status: str = "failed"
+        reason: str | None = "the runner stopped before the run ended"
+        facts: dict[str, Any] = {}
+        watchdog: list[dict[str, Any]] = []
+        interrupted = False
+        ws = Workspace(efs_dir, s.run_id, MOUNT)
+        try:
+            svc.register(
+                FunctionConfig(
+                    name=FUNCTION,
+                    handler=HANDLER,
+                    code_dir=code_dir,
+                    memory_mb=s.memory,
+                    timeout_s=s.timeout,
+                    ephemeral_mb=s.ephemeral,
+                    efs={MOUNT: efs_dir},
+                    reserved_concurrency=s.concurrency,
+                    max_retry_attempts=s.retries,
+                    architecture=s.architecture,  # type: ignore[arg-type]
+                    environment=thread_environment(s),
+                )
+            )
+            mechanisms = svc.mechanisms(FUNCTION)
+            start_at = time.time()
+            starter = threading.Thread(target=self._start, args=(svc,), name="start", daemon=True)
+            starter.start()
+            try:
+                status, reason = self._watch(svc, ws, start_at, watchdog)
+            except KeyboardInterrupt:
+                interrupted = True
+                status, reason = "failed", "interrupted by the user (Ctrl-C)"
+                ws.mark_failed(reason)
+            if status == "finished":
+                svc.wait_idle(10.0)  # late duplicates finish and are billed
+            facts = self._facts(ws, start_at, mechanisms)
+        finally:
+            self.sink.close()
+            svc.close()
+        facts.update(
+            status=status,
+            reason=reason,
+            watchdog=watchdog,
+            throttled=len(svc.throttled),
+            runner_wall_s=time.time() - t_begin,
+            interrupted=interrupted,
+        )
+        self._collect(ws, facts)
+        from simulator.report import write_report
+
+        report = write_report(out)
+        return RunResult(status, reason, out, report)
+
+    def _watch(
+        self, svc: _Service, ws: Workspace, start_at: float, watchdog: list[dict[str, Any]]
+    ) -> tuple[str, str | None]:
+        s = self.settings
+        table = SqliteProgressTable(ws.progress_path)
+        tail = _LedgerTail(svc.run_dir / LEDGER_FILE)
+        snap = Snapshot()
+        seen_rounds: set[int] = set()
+        invoker = _ServiceInvoker(svc)
+        last_check = time.time()
+        idle_since: float | None = None
+        planned: int | None = None
+        while True:
+            now = time.time()
+            snap.elapsed_s = now - start_at
+            for r in tail.poll():
+                self._count(snap, r)
+                if s.fail_fast and r.status in ("oom", "timeout"):
+                    what = "ran out of memory" if r.status == "oom" else "timed out"
+                    reason = ws.mark_failed(
+                        f"an invocation {what} ({r.error_type}) and fail_fast is on"
+                    )
+                    return "failed", reason
+            stats = svc.pool.stats(FUNCTION)
+            snap.active_envs, snap.environments = stats["busy"], stats["busy"] + stats["idle"]
+            snap.throttled = len(svc.throttled)
+            if planned is None:
+                planned = self._planned(ws)
+                snap.rounds_planned = planned
+            rows = table.rounds(s.run_id) if ws.progress_path.exists() else []
+            self._apply_rows(snap, rows, seen_rounds)
+            self.sink.update(snap)
+            if ws.final_summary() is not None:
+                return "finished", str(ws.final_summary().get("reason") or "")  # type: ignore[union-attr]
+            failure = ws.failure()
+            if failure is not None:
+                return "failed", failure
+            if self._start_done.is_set() and self._start_error is not None:
+                return "failed", ws.mark_failed(self._start_error)
+            if s.max_wall is not None and now - start_at > s.max_wall:
+                return "failed", ws.mark_failed(
+                    f"gave up after {s.max_wall:g} laptop seconds (--max-wall)"
+                )
+            idle = (
+                self._start_done.is_set()
+                and svc.queue.pending() == 0
+                and svc.pool.busy_total() == 0
+            )
+            if idle:
+                idle_since = idle_since or now
+                if now - idle_since >= IDLE_GRACE_S:
+                    # Nothing in flight can move the run: ask the watchdog as if its stall period
+                    # had passed (see the module docstring).
+                    result = check_stalled(ws, invoker, now=now + local_stall_after(s) + 1.0)
+                    watchdog.append({**result, "at": now - start_at, "forced": True})
+                    self._note_watchdog(result, snap)
+                    idle_since = None
+                    last_check = now
+            else:
+                idle_since = None
+                if now - last_check >= CHECK_EVERY_S:
+                    result = check_stalled(ws, invoker)
+                    last_check = now
+                    if result.get("status") in ("rescued", "failed"):
+                        watchdog.append({**result, "at": now - start_at, "forced": False})
+                        self._note_watchdog(result, snap)
+            time.sleep(POLL_S)
+
+    def _note_watchdog(self, result: Mapping[str, Any], snap: Snapshot) -> None:
+        if result.get("status") == "rescued":
+            snap.rescues += 1
+            self.sink.note(f"watchdog: rescued a stalled round ({result.get('reason')})")
+        elif result.get("status") == "failed":
+            self.sink.note(f"watchdog: the run failed ({result.get('reason')})")
+
+    @staticmethod
+    def _count(snap: Snapshot, r: InvocationRecord) -> None:
+        snap.invocations += 1
+        snap.cold += int(r.cold)
+        snap.failed += int(r.status != "success")
+        snap.timeouts += int(r.status == "timeout")
+        snap.ooms += int(r.status == "oom")
+        snap.retries += int(r.attempt > 1)
+        snap.lambda_s += ((r.init_ms or 0.0) + r.duration_ms) / 1000.0
+
+    def _apply_rows(self, snap: Snapshot, rows: list[RoundRow], seen: set[int]) -> None:
+        if not rows:
+            return
+        snap.phase = "training"
+        current = rows[-1]
+        snap.round, snap.epoch = current.round, current.epoch
+        combined = [r for r in rows if r.status == "combined"]
+        snap.rounds_done = len(combined)
+        if combined:
+            snap.epochs_done = combined[-1].epochs_done or 0.0
+        for r in combined:
+            if r.loss is not None:
+                snap.loss, snap.accuracy = r.loss, r.accuracy
+            if r.round not in seen:
+                seen.add(r.round)
+                self.sink.round_done(r, snap)
+
+    def _planned(self, ws: Workspace) -> int | None:
+        manifest = ws.data_dir / "manifest.json"
+        if not manifest.exists():
+            return None
+        try:
+            n_train = int(json.loads(manifest.read_text())["arrays"]["y_train"]["shape"][0])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        return rounds_planned(self.settings, n_train)
+
+    # ---- collecting --------------------------------------------------------------------
+    def _facts(
+        self, ws: Workspace, start_at: float, mechanisms: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """What the report needs from EFS and the runner, read before EFS may be removed."""
+        from simulator.predict import RunShape
+
+        s = self.settings
+        manifest: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((ws.data_dir / "manifest.json").read_text())
+        arrays = manifest.get("arrays", {})
+
+        def nbytes(name: str, rows: int | None = None) -> int:
+            spec = arrays.get(name)
+            if not spec:
+                return 0
+            import numpy as np
+
+            shape = spec["shape"]
+            count = shape[0] if rows is None else min(rows, shape[0])
+            per = int(np.dtype(spec["dtype"]).itemsize)
+            for d in shape[1:]:
+                per *= int(d)
+            return int(count) * per
+
+        n_train = int(arrays.get("y_train", {}).get("shape", [0])[0] or 0)
+        sample = (nbytes("x_train") + nbytes("y_train")) // n_train if n_train else 0
+        test = nbytes("x_test", s.eval_samples) + nbytes("y_test", s.eval_samples)
+        dataset = sum(nbytes(n) for n in ("x_train", "y_train", "x_test", "y_test"))
+        weights, n_arrays = _weights_size(ws)
+        summary = ws.final_summary()
+        final_end = None
+        if summary is not None:
+            final_end = summary.get("finished_at")
+        shape = RunShape(
+            workers=s.workers,
+            weights_bytes=weights,
+            n_arrays=n_arrays,
+            velocity=s.momentum > 0 and s.algorithm == "gradient_averaging",
+            sample_bytes=sample,
+            test_bytes=test,
+            dataset_bytes=dataset,
+            stored_bytes=_tree_bytes(ws.root),
+        )
+        return {
+            "start_invoked_at": start_at,
+            "final_end_at": final_end,
+            "rounds_planned": rounds_planned(s, n_train) if n_train else None,
+            "shape": shape.to_json(),
+            "aws_stall_after_s": aws_stall_after(s),
+            "local_stall_after_s": local_stall_after(s),
+            "host": {
+                "cores": len(os.sched_getaffinity(0)),
+                "memory_available_mb": host_memory_mb(),
+                "mechanisms": dict(mechanisms),
+            },
+            "host_notes": host_notes(s),
+        }
+
+    def _collect(self, ws: Workspace, facts: dict[str, Any]) -> None:
+        out = self.out
+        if ws.progress_path.exists():
+            shutil.copy2(ws.progress_path, out / "progress.sqlite")
+        if ws.final_dir.is_dir():
+            shutil.copytree(ws.final_dir, out / "model", dirs_exist_ok=True)
+        start = self._start_result
+        if start is not None and start.record is not None:
+            facts["start_status"] = start.record.status
+        (out / "run.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
+        # Service internals (environment scratch space, the /tmp image cache) are not results.
+        for scratch in ("environments", "cache"):
+            shutil.rmtree(out / "lambda" / scratch, ignore_errors=True)
+        if not self.settings.keep_efs:
+            shutil.rmtree(out / "efs", ignore_errors=True)
+
+
+def _weights_size(ws: Workspace) -> tuple[int, int]:
+    """(bytes, arrays) of the model's trainable weights as stored (.npy data, no headers)."""
+    import numpy as np
+
+    directory = ws.final_dir if ws.final_dir.is_dir() else None
+    if directory is None:
+        rounds = ws.weight_rounds()
+        if not rounds:
+            return 0, 0
+        directory = ws.weights_dir(rounds[-1])
+    total, count = 0, 0
+    for path in sorted(directory.glob("array-*.npy")):
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        total += int(arr.nbytes)
+        count += 1
+    return total, count
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def run(settings: RunSettings, sink: ProgressSink | None = None) -> RunResult:
+    """Run `settings` to the end (see :class:`Runner`)."""
+    return Runner(settings, sink).run()
+
+
+__all__ = [
+    "FUNCTION",
+    "HostCapacityError",
+    "NullSink",
+    "ProgressSink",
+    "RunResult",
+    "Runner",
+    "Snapshot",
+    "aws_stall_after",
+    "capacity_problem",
+    "code_dir_for",
+    "default_out_dir",
+    "host_notes",
+    "local_stall_after",
+    "rounds_planned",
+    "run",
+    "training_config",
+]
