@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -52,7 +54,9 @@ def baseline(settings: RunSettings) -> float:
             contribs.append(gradient_contribution(model, weights, it, i))
         weights, velocity, _ = combine_gradient_averaging(weights, velocity, contribs, sgd)
         xt, yt = next(
-            batches(ds.x_test, ds.y_test, range(len(ds.y_test)), len(ds.y_test), model.input_shape)
+            batches(
+                ds.x_test, ds.y_test, np.arange(len(ds.y_test)), len(ds.y_test), model.input_shape
+            )
         )
         model.evaluate(weights, xt, yt)
     return time.perf_counter() - t0

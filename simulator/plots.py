@@ -142,7 +142,7 @@ def plot_timeline(report: Mapping[str, Any], path: str | Path) -> None:
             label = "retry (attempt > 1)" if key == "retry" else STATUS_MARKERS[key][2]
             line.set_label(label)
             handles.append(line)
-        ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=2)
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)
         if not rows:
             ax.text(0.5, 0.5, "no invocations", ha="center", transform=ax.transAxes)
     fig.tight_layout()

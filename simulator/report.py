@@ -662,10 +662,14 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any] | None = None) -
     doc = dict(report) if report is not None else build_report(out)
     (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     (out / "summary.txt").write_text(format_summary(doc))
-    from simulator.plots import plot_curves, plot_timeline
+    try:
+        from simulator.plots import plot_curves, plot_timeline
 
-    plot_curves(doc, out / "curves.png")
-    plot_timeline(doc, out / "timeline.png")
+        plot_curves(doc, out / "curves.png")
+        plot_timeline(doc, out / "timeline.png")
+    except ImportError as exc:  # matplotlib is what draws them
+        doc["warnings"].append(f"no plots: {exc} (pip install matplotlib)")
+        (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 
 

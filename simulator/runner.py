@@ -8,11 +8,15 @@ thread so its error, if any, comes back at once). Then the runner polls the prog
 billing ledger and the pool until the run finishes or fails, and shows progress through a
 :class:`ProgressSink`.
 
-Liveness. The protocol's watchdog (``check_stalled``) runs every few seconds, as an EventBridge
-schedule would on AWS. Locally the runner also knows when *nothing* is in flight (no queued or
-running event, the start returned) while the run is neither finished nor failed: then nothing
-can ever move it, so the watchdog is asked at once, as if its stall period had passed, to rescue
-the round or, after ``max_rescues``, to fail the run with its reason. A run is failed when a round
+Liveness. On AWS the protocol's watchdog (``check_stalled``) runs on an EventBridge schedule and
+rescues a round after its stall period. Locally the runner knows when *nothing* is in flight (no
+queued, retrying or running event, and the start returned) while the run is neither finished
+nor failed: then nothing can ever move it, so the watchdog is asked at once, as if its stall
+period had passed, to rescue the round or, after ``max_rescues``, to fail the run with its
+reason. (Anything in flight ends by itself: a running invocation at its timeout, a retry after
+its delay, a throttled event when concurrency frees up. The watchdog is not polled while work is
+in flight: it loads the run's model, which for a Keras model means TensorFlow in the runner.)
+The predictor lays rescues out with the AWS stall period. A run is failed when a round
 never completed and its rescues are spent, when the start failed, with ``fail_fast`` at the first
 out-of-memory or timed-out invocation, at ``max_wall`` laptop seconds, or on Ctrl-C.
 """
@@ -50,7 +54,6 @@ HANDLER = "handler.handler"
 MOUNT = "/mnt/efs"
 PACKAGED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "numpy_digits"
 POLL_S = 0.2
-CHECK_EVERY_S = 5.0
 IDLE_GRACE_S = 0.5
 # Expected peak RSS of one execution environment before any run told us better (MB): a NumPy
 # runtime, TensorFlow with a small CNN, TensorFlow with VGG19 at 224x224 (keras_models docstring).
@@ -227,6 +230,35 @@ def code_dir_for(settings: RunSettings, out: Path) -> Path:
         "from simulator.handler import handler\n\n__all__ = ['handler']\n"
     )
     return shim
+
+
+def stage_dataset(dataset: str, efs_dir: Path, mechanisms: Mapping[str, str]) -> str:
+    """A dataset path as the function sees it, after putting the data on the EFS stand-in.
+
+    As in the thesis, the function reads its dataset from EFS: a host path (CIFAR-10 batches)
+    is linked (or copied, across file systems) to ``<efs>/datasets/`` and named by its path
+    inside the function: under the mount when EFS is bind-mounted, else the host directory the
+    platform names (portable isolation). A built-in name ('digits', 'synthetic') passes through.
+    """
+    if dataset in ("digits", "synthetic") or dataset.startswith("synthetic:"):
+        return dataset
+    source = Path(dataset)
+    target = efs_dir / "datasets" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+    elif not target.exists():
+        _link_or_copy(str(source), str(target))
+    bind_mounted = str(mechanisms.get("tmp", "")).startswith("loop-ext4")
+    return f"{MOUNT}/datasets/{source.name}" if bind_mounted else str(target.resolve())
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a real copy
+        shutil.copy2(src, dst)
+    return dst
 
 
 def oversubscription(settings: RunSettings, cores: int | None = None) -> float:
@@ -472,6 +504,7 @@ class Runner:
                 )
             )
             mechanisms = svc.mechanisms(FUNCTION)
+            self.config["dataset"] = stage_dataset(s.dataset, efs_dir, mechanisms)
             start_at = time.time()
             starter = threading.Thread(target=self._start, args=(svc,), name="start", daemon=True)
             starter.start()
@@ -510,9 +543,9 @@ class Runner:
         snap = Snapshot()
         seen_rounds: set[int] = set()
         invoker = _ServiceInvoker(svc)
-        last_check = time.time()
         idle_since: float | None = None
         planned: int | None = None
+        start_noted = False
         while True:
             now = time.time()
             snap.elapsed_s = now - start_at
@@ -539,7 +572,11 @@ class Runner:
             if failure is not None:
                 return "failed", failure
             if self._start_done.is_set() and self._start_error is not None:
-                return "failed", ws.mark_failed(self._start_error)
+                if not ws.claimed("fanout-0"):
+                    return "failed", ws.mark_failed(self._start_error)
+                if not start_noted:  # it failed after claiming the fan-out: the run goes on
+                    self.sink.note(self._start_error + " (after claiming round 0's fan-out)")
+                    start_noted = True
             if s.max_wall is not None and now - start_at > s.max_wall:
                 return "failed", ws.mark_failed(
                     f"gave up after {s.max_wall:g} laptop seconds (--max-wall)"
@@ -558,15 +595,8 @@ class Runner:
                     watchdog.append({**result, "at": now - start_at, "forced": True})
                     self._note_watchdog(result, snap)
                     idle_since = None
-                    last_check = now
             else:
                 idle_since = None
-                if now - last_check >= CHECK_EVERY_S:
-                    result = check_stalled(ws, invoker)
-                    last_check = now
-                    if result.get("status") in ("rescued", "failed"):
-                        watchdog.append({**result, "at": now - start_at, "forced": False})
-                        self._note_watchdog(result, snap)
             time.sleep(POLL_S)
 
     def _note_watchdog(self, result: Mapping[str, Any], snap: Snapshot) -> None:

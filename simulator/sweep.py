@@ -269,11 +269,15 @@ def write_tables(result: SweepResult, lists: Mapping[str, Sequence[Any]]) -> dic
         f"`*` best by {result.objective} ({OBJECTIVES[result.objective]}) among finished settings."
     )
     (out / "sweep.md").write_text("\n".join(md) + "\n")
+    files = {"json": "sweep.json", "csv": "sweep.csv", "table": "sweep.md"}
     from simulator.plots import plot_sweep
 
     title = "sweep of " + ", ".join(flag_of(k) for k in lists) + f" (best by {result.objective})"
-    plot_sweep([p.to_json() for p in result.points], result.best, out / "sweep.png", title)
-    return {"json": "sweep.json", "csv": "sweep.csv", "table": "sweep.md", "plot": "sweep.png"}
+    try:
+        plot_sweep([p.to_json() for p in result.points], result.best, out / "sweep.png", title)
+    except ImportError:  # matplotlib draws the plot; the table is complete without it
+        return files
+    return {**files, "plot": "sweep.png"}
 
 
 __all__ = [
