@@ -595,17 +595,18 @@ def format_summary(report: Mapping[str, Any]) -> str:
     """The final summary as plain text (also written to summary.txt)."""
     run, tr, tm, inv = report["run"], report["training"], report["time"], report["invocations"]
     st, cost = report["settings"], report["cost"]
+    predicted_label = f"predicted end-to-end on Lambda ({tm['efs_mode']} EFS)"
     lines = [
         f"run {run['id']}: {run['status']}" + (f" ({run['reason']})" if run.get("reason") else ""),
         f"  {st['workers']} workers x {st['memory']} MB, timeout {st['timeout']} s, "
         f"/tmp {st['ephemeral']} MB; model {st['model']} on {st['dataset']}, {st['algorithm']}",
         "",
         "time",
-        f"  laptop wall time            {_fmt_s(tm['wall_s'])}",
-        f"  Lambda time (all invocations, Lambda clock)  {_fmt_s(tm['lambda_s'])}",
-        f"  predicted end-to-end on Lambda ({tm['efs_mode']} EFS)  {_fmt_s(tm['predicted_s'])}"
-        + ("" if tm.get("predicted_finished", True) else "  (run did not finish)"),
-        f"  same layout with this machine's overheads   {_fmt_s(tm['predicted_local_s'])}",
+        f"  {'laptop wall time (start to last combine)':<48} {_fmt_s(tm['wall_s']):>10}",
+        f"  {'Lambda time (all invocations, Lambda clock)':<48} {_fmt_s(tm['lambda_s']):>10}",
+        f"  {predicted_label:<48} {_fmt_s(tm['predicted_s']):>10}"
+        + ("" if tm.get("predicted_finished", True) else "  (the run did not finish)"),
+        f"  {'same layout with this machine overheads':<48} {_fmt_s(tm['predicted_local_s']):>10}",
         "",
         "training",
         f"  rounds {tr['rounds']}"
@@ -659,7 +660,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
 def write_report(out_dir: str | Path, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write report.json, summary.txt and the plots into `out_dir`; returns the report."""
     out = Path(out_dir)
-    doc = dict(report) if report is not None else build_report(out)
+    doc: dict[str, Any] = json_safe(dict(report) if report is not None else build_report(out))
     (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     (out / "summary.txt").write_text(format_summary(doc))
     try:
@@ -671,6 +672,17 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any] | None = None) -
         doc["warnings"].append(f"no plots: {exc} (pip install matplotlib)")
         (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def load_report(out_dir: str | Path) -> dict[str, Any]:

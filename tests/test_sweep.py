@@ -78,11 +78,11 @@ def test_capacity_counts_every_environment_against_available_memory():
 
 @pytest.mark.slow
 def test_a_sweep_reports_oom_and_settings_this_machine_cannot_hold(tmp_path: Path) -> None:
-    """Memory 128 vs 1024 MB for a 17M-parameter MLP; 1 vs 6,000 workers (not run: reported)."""
+    """Memory 128 vs 1024 MB for a 4M-parameter MLP; 1 vs 6,000 workers (not run: reported)."""
     out = tmp_path / "sweep"
     code, stdout, err = run_cli(
         "sweep", "--workers", "1,6000", "--memory", "128,1024",
-        "--model", "mlp", "--model-kwargs", '{"hidden": [4096, 4096]}',
+        "--model", "mlp", "--model-kwargs", '{"hidden": [2048, 2048]}',
         "--rounds", "1", "--epochs", "none", "--steps", "1", "--eval-samples", "64",
         # Sampled RSS kills at the limit at once; a cgroup first reclaims for many seconds.
         "--isolation", "portable", "--out", str(out),
