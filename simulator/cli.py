@@ -150,7 +150,8 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
 
 
 def _cmd_run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    from simulator.runner import HostCapacityError, Runner
+    from simulator.run_setup import HostCapacityError
+    from simulator.runner import Runner
 
     file_values, source = _file_values(ns)
     flag_values, _ = _flag_values(ns, sweep=False)

@@ -14,8 +14,9 @@ run's dependency graph on an idle cloud:
   for the same (role, round, worker) after a failure is a watchdog rescue, which on AWS fires
   ``stall_after`` after the fan-out plus up to one schedule period; a request after a success is a
   duplicate and runs beside it;
-* each invocation's EFS traffic (:func:`estimate_io`: weights, the data it trains on, gradients,
-  metadata; ``ops`` synchronous NFS operations) is replayed under a throughput model of spec §9:
+* each invocation's EFS traffic (:func:`simulator.platform.estimate_io`: weights, the data it
+  trains on, gradients, metadata; ``ops`` synchronous NFS operations) is replayed under a
+  throughput model of spec §9:
   a per-operation latency, a per-client cap (one NFS client per environment), and a file-system
   cap shared by all transfers in flight (fluid max-min sharing between equal clients). The CPU
   part of an invocation is its measured duration minus what the same traffic cost locally.
@@ -23,13 +24,9 @@ run's dependency graph on an idle cloud:
 The answer is the critical path: the chain of invocations from the start to the final combine
 whose delays add up to the end-to-end time, with the time per phase along it.
 
-Assumptions not in the spec (named constants, overridable through :class:`Platform`): the
-Invoke API's latency seen from inside a function (``AWS_INVOKE_API_MS``), the async queue's
-dispatch delay (``AWS_ASYNC_DISPATCH_MS``), the sandbox cold start before INIT_START
-(``AWS_COLD_START_MS``), and the EventBridge check period (``WATCHDOG_PERIOD_S``). EFS numbers
-are from spec §9 and AWS's EFS documentation ("all file systems, regardless of size, can burst up
-to 100 MiB/s of metered throughput"). Known approximations: the lock that serialises arrivals is
-not modelled (each arrival's few operations are counted, not their queueing), and invocations a
+The platform's timings and the EFS models, with their sources and assumptions, are in
+:mod:`simulator.platform`. Known approximations: the lock that serialises arrivals is not
+modelled (each arrival's few operations are counted, not their queueing), and invocations a
 failed run never reached are not invented.
 """
 
@@ -40,25 +37,24 @@ import itertools
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lambda_runtime import quotas
+from simulator.platform import (
+    LOCAL_INVOKE_API_MS,
+    LOCAL_STORAGE,
+    MIB,
+    EfsModel,
+    Io,
+    Platform,
+    local_platform,
+    solo_rate,
+    transfer_ms,
+)
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-NFS_IO_BYTES = MIB  # rsize/wsize of the EFS mount helper: one operation moves at most 1 MiB
-META_BYTES = 4096  # a small file: JSON, an .npy header, a claim, an arrival index
 FANOUT_THREADS = 16  # simulator.invoke sends fan-outs of more than 4 events on 16 threads
 FANOUT_SEQUENTIAL_MAX = 4
-
-AWS_SYNC_INVOKE_MS = 20.0
-AWS_ASYNC_DISPATCH_MS = 50.0
-AWS_COLD_START_MS = 150.0
-AWS_INVOKE_API_MS = 25.0
-LOCAL_INVOKE_API_MS = 2.0
-WATCHDOG_PERIOD_S = 60.0
 
 PHASES = (
     "invoke latency",
@@ -71,197 +67,6 @@ PHASES = (
     "retries and rescues",
 )
 """Phase names of :attr:`Prediction.phases_s` and of critical-path segments."""
-
-
-# ------------------------------------------------------------------------------------------
-# Platform and EFS models
-
-
-@dataclass(frozen=True)
-class EfsModel:
-    """An EFS throughput mode: latency per operation, per-client cap, file-system caps."""
-
-    mode: str
-    read_latency_ms: float
-    write_latency_ms: float
-    per_client_mib_s: float
-    read_mib_s: float
-    write_mib_s: float
-    metered: bool = False
-    """True: reads and writes share one metered pool, reads counted at 1/3 (bursting)."""
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (infinite rates as null)."""
-        return {
-            k: (None if isinstance(v, float) and math.isinf(v) else v)
-            for k, v in asdict(self).items()
-        }
-
-
-def efs_model(mode: str, stored_bytes: int = 0) -> EfsModel:
-    """The throughput model of an EFS mode: elastic, bursting, bursting-baseline or local."""
-    if mode == "elastic":
-        # Regional, Elastic (spec §9): ~1 / ~2.7 ms, 1,500 MiBps per client, FS 20-60 GiBps read
-        # and 1-5 GiBps write; the low end is taken (it depends on the Region).
-        return EfsModel(mode, 1.0, 2.7, 1500.0, 20.0 * 1024, 1.0 * 1024)
-    if mode in ("bursting", "bursting-baseline"):
-        tib = stored_bytes / (1024 * GIB)
-        if mode == "bursting":
-            # With burst credits: 100 MiB/s metered, or 100 MiB/s per TiB stored if more.
-            metered = max(100.0, 100.0 * tib)
-        else:
-            # Credits spent: baseline 50 KiB/s per GiB stored, at least 1 MiB/s.
-            metered = max(1.0, 50.0 / 1024 * stored_bytes / GIB)
-        return EfsModel(mode, 1.0, 2.7, 500.0, metered, metered, metered=True)
-    if mode == "local":
-        return EfsModel(mode, 0.0, 0.0, math.inf, math.inf, math.inf)
-    raise ValueError(
-        f"efs mode: must be one of elastic, bursting, bursting-baseline, local; got {mode!r}"
-    )
-
-
-LOCAL_STORAGE = efs_model("local")
-
-
-@dataclass(frozen=True)
-class Platform:
-    """Where the invocations are laid out: invoke latencies, cold starts, retries, EFS."""
-
-    name: str
-    sync_invoke_ms: float
-    async_dispatch_ms: float
-    cold_start_ms: float
-    invoke_api_ms: float
-    retry_delays_s: tuple[float, float]
-    watchdog_period_s: float
-    efs: EfsModel
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        out = asdict(self)
-        out["retry_delays_s"] = list(self.retry_delays_s)
-        out["efs"] = self.efs.to_json()
-        return out
-
-
-def aws_platform(efs_mode: str = "elastic", stored_bytes: int = 0) -> Platform:
-    """Real Lambda with EFS in `efs_mode` (see the module docstring for the assumed values)."""
-    return Platform(
-        "aws",
-        AWS_SYNC_INVOKE_MS,
-        AWS_ASYNC_DISPATCH_MS,
-        AWS_COLD_START_MS,
-        AWS_INVOKE_API_MS,
-        quotas.ASYNC_RETRY_DELAYS_S,
-        WATCHDOG_PERIOD_S,
-        efs_model(efs_mode, stored_bytes),
-    )
-
-
-def local_platform(dispatch_ms: float, time_scale: float) -> Platform:
-    """This machine as measured in the run itself: its dispatch delay and scaled retry delays.
-
-    Laying a run out on this platform reproduces the run's own critical path from its Lambda-
-    clock durations; when the laptop really had a core per environment it equals the wall time.
-    """
-    d1, d2 = quotas.ASYNC_RETRY_DELAYS_S
-    return Platform(
-        "local",
-        dispatch_ms,
-        dispatch_ms,
-        0.0,
-        LOCAL_INVOKE_API_MS,
-        (d1 * time_scale, d2 * time_scale),
-        0.0,
-        LOCAL_STORAGE,
-    )
-
-
-# ------------------------------------------------------------------------------------------
-# What each invocation moves through EFS
-
-
-@dataclass(frozen=True)
-class Io:
-    """Bytes and synchronous operations of one invocation on EFS."""
-
-    read_bytes: int = 0
-    read_ops: int = 0
-    write_bytes: int = 0
-    write_ops: int = 0
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """The sizes that decide EFS traffic, read from the run's EFS directory."""
-
-    workers: int
-    weights_bytes: int
-    n_arrays: int
-    velocity: bool
-    sample_bytes: int
-    test_bytes: int
-    dataset_bytes: int
-    stored_bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-
-def _ops(nbytes: int) -> int:
-    return -(-nbytes // NFS_IO_BYTES)
-
-
-def estimate_io(
-    role: str, shape: RunShape, *, cold: bool, samples: int = 0, fanout_claim: bool = False
-) -> Io:
-    """EFS traffic of one invocation of `role` (the protocol's file layout; an estimate)."""
-    w, k, meta = shape.weights_bytes, shape.n_arrays, META_BYTES
-    state = 2 if shape.velocity else 1  # combine reads and writes velocity beside the weights
-    opened = 6 if cold else 0  # a new process opens config.json, the manifest, the four arrays
-    if role == "worker":
-        data = samples * shape.sample_bytes
-        read = w + data + 3 * meta
-        write = w + 3 * meta
-        return Io(
-            read,
-            k + 3 + opened + _ops(w) + _ops(data),
-            write,
-            # arrays, meta.json, rename; arrival: lock, index write, rename; attempt marker; claim
-            k + 2 + 3 + 1 + int(fanout_claim) + _ops(w),
-        )
-    if role == "combine":
-        test = shape.test_bytes if cold else 0  # a warm process keeps the held-out set
-        read = shape.workers * (w + meta) + state * w + meta + test
-        # pruning deletes the results of an older round: one unlink per file
-        prune = shape.workers * (k + 1) + state * k + 2
-        write = state * w + 5 * meta
-        return Io(
-            read,
-            shape.workers * (k + 1) + state * k + 3 + opened + _ops(read),
-            write,
-            state * k + 2 + 6 + 1 + prune + _ops(write),
-        )
-    if role == "start":
-        write = shape.dataset_bytes + w + 3 * meta
-        return Io(2 * meta, 4, write, 5 + k + 2 + 6 + 2 + _ops(write))
-    return Io()
-
-
-def transfer_ms(io: Io, efs: EfsModel) -> tuple[float, float]:
-    """(read ms, write ms) of `io` alone on `efs` (no other client in flight)."""
-    return (
-        io.read_ops * efs.read_latency_ms + 1000.0 * io.read_bytes / _solo_rate(efs, "read"),
-        io.write_ops * efs.write_latency_ms + 1000.0 * io.write_bytes / _solo_rate(efs, "write"),
-    )
-
-
-def _solo_rate(efs: EfsModel, kind: str) -> float:
-    cap = efs.read_mib_s if kind == "read" else efs.write_mib_s
-    if efs.metered and kind == "read":
-        cap *= 3.0
-    return min(efs.per_client_mib_s, cap) * MIB
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,7 +89,7 @@ class Invocation:
     status: str
     start_s: float
     end_s: float
-    io: Io = Io()
+    io: Io = field(default_factory=Io)
     fanout: int = 0
     """Invoke API calls it made (N for a fan-out, 1 for a worker that invoked the combine)."""
     fixed: bool = False
@@ -409,7 +214,7 @@ class _Engine:
         heapq.heappush(self._heap, (max(when, self.t), next(self._seq), fn))
 
     def transfer(self, kind: str, nbytes: float, done: Callable[[], None]) -> None:
-        if nbytes <= 0 or math.isinf(_solo_rate(self.efs, kind)):
+        if nbytes <= 0 or math.isinf(solo_rate(self.efs, kind)):
             self.at(self.t, done)
         else:
             self._flows[next(self._seq)] = _Flow(kind, float(nbytes), done)
@@ -779,46 +584,13 @@ def calibrated_local_platform(
     return local_platform(statistics.median(gaps) if gaps else 0.0, time_scale)
 
 
-def with_efs(platform: Platform, efs: EfsModel) -> Platform:
-    """The same platform with another EFS model."""
-    return replace(platform, efs=efs)
-
-
-def phases_table(prediction: Prediction) -> list[tuple[str, float, float]]:
-    """(phase, seconds on the critical path, seconds over all invocations)."""
-    return [(p, prediction.phases_s[p], prediction.totals_s[p]) for p in PHASES]
-
-
-def summarize_path(prediction: Prediction) -> Mapping[str, Any]:
-    """A short description of the critical path: how many invocations, of which roles."""
-    seen: dict[tuple[str, int | None, int | None, int], None] = {}
-    for s in prediction.critical_path:
-        seen[(s.role, s.round, s.worker, s.attempt)] = None
-    roles: dict[str, int] = defaultdict(int)
-    for role, *_ in seen:
-        roles[role] += 1
-    return {"invocations": len(seen), "by_role": dict(roles)}
-
-
 __all__ = [
-    "LOCAL_STORAGE",
     "PHASES",
-    "EfsModel",
     "Invocation",
-    "Io",
-    "Platform",
+    "Placed",
     "Prediction",
-    "RunShape",
     "Segment",
-    "aws_platform",
     "calibrated_local_platform",
     "dispatch_gaps_ms",
-    "efs_model",
-    "estimate_io",
-    "local_platform",
-    "phases_table",
     "predict",
-    "summarize_path",
-    "transfer_ms",
-    "with_efs",
 ]

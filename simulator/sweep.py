@@ -26,14 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.runner import (
-    ENV_MB_GUESS,
-    HostCapacityError,
-    NullSink,
-    ProgressSink,
-    Runner,
-    capacity_problem,
-)
+from simulator.run_setup import ENV_MB_GUESS, HostCapacityError, capacity_problem
+from simulator.runner import NullSink, ProgressSink, Runner
 from simulator.settings import SettingsError, flag_of, merge
 
 OBJECTIVES = {"time": "predicted_s", "cost": "cost_usd", "loss": "final_loss"}

@@ -8,21 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from simulator.predict import (
+from simulator.platform import (
     MIB,
     EfsModel,
-    Invocation,
     Io,
     Platform,
     RunShape,
     aws_platform,
-    dispatch_gaps_ms,
     efs_model,
     estimate_io,
     local_platform,
-    predict,
     transfer_ms,
 )
+from simulator.predict import Invocation, dispatch_gaps_ms, predict
 
 LOCAL_EFS = efs_model("local")
 

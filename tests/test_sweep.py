@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from simulator.cli import EXIT_FAILED, EXIT_OK, main
-from simulator.runner import capacity_problem
+from simulator.run_setup import capacity_problem
 from simulator.settings import RunSettings
 from simulator.sweep import SweepPoint, _outcome, expand, label_of, pick_best
 
