@@ -181,6 +181,10 @@ def _cmd_run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             f"{settings.memory} MB",
             console=console,
         )
+    if ns.json_lines:
+        start = {"event": "start", "out_dir": str(runner.out), "settings": settings.to_json()}
+        out.write(json.dumps(start, sort_keys=True, default=str) + "\n")
+        out.flush()
     result = runner.run()
     if ns.json_lines:
         out.write(json.dumps(_summary_event(result.report), sort_keys=True, default=str) + "\n")

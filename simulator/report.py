@@ -75,6 +75,7 @@ from simulator.run_logs import (
 SCHEMA = "lambda-efs-sim/report"
 SCHEMA_VERSION = 1
 LIMIT_WARNING_FRACTION = 0.9
+CONTENTION_WARNING_FRACTION = 0.25
 HOURS_PER_MONTH = 730.0  # AWS prorates GB-month charges over 730 hours
 ROLES = ("start", "worker", "combine")
 
@@ -341,7 +342,17 @@ def _warnings(report: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
         )
     if not report["checks"]["logs_agree"]:
         warnings.append("the REPORT lines in the logs and the billing ledger differ (see checks)")
-    warnings.extend(str(w) for w in run.get("host_notes", []))
+    notes = [str(w) for w in run.get("host_notes", [])]
+    warnings.extend(notes)
+    wall = sum(max(0.0, t["end_s"] - t["start_s"]) for t in report["timeline"])
+    lam = sum(((t["init_ms"] or 0.0) + t["duration_ms"]) / 1000.0 for t in report["timeline"])
+    shared = float(run.get("oversubscription") or 1.0) > 1.0  # then the waits are expected
+    if not shared and wall > 0 and 1.0 - lam / wall > CONTENTION_WARNING_FRACTION:
+        warnings.append(
+            f"invocations spent {1.0 - lam / wall:.0%} of their laptop time outside the Lambda "
+            "clock (waiting for a CPU that another process on this machine held, or service "
+            "overhead): the laptop wall time overstates this run"
+        )
     return warnings
 
 

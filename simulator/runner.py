@@ -51,6 +51,7 @@ from simulator.run_setup import (
     host_memory_mb,
     host_notes,
     local_stall_after,
+    oversubscription,
     rounds_planned,
     stage_dataset,
     thread_environment,
@@ -499,6 +500,7 @@ class Runner:
                 "mechanisms": dict(mechanisms),
             },
             "host_notes": host_notes(s),
+            "oversubscription": oversubscription(s),
         }
 
     def _collect(self, ws: Workspace, facts: dict[str, Any]) -> None:

@@ -161,7 +161,8 @@ def test_json_lines_mode(small_run):
     lines = [json.loads(x) for x in small_run["stdout"].splitlines()]
     kinds = [x["event"] for x in lines]
     assert kinds.count("round") == ROUNDS
-    assert "progress" in kinds and kinds[-1] == "summary"
+    assert kinds[0] == "start" and "progress" in kinds and kinds[-1] == "summary"
+    assert lines[0]["settings"]["workers"] == N and lines[0]["out_dir"] == str(small_run["out"])
     rounds = [x for x in lines if x["event"] == "round"]
     assert [x["round"] for x in rounds] == list(range(ROUNDS))
     assert all(x["loss"] is not None for x in rounds)

@@ -135,3 +135,14 @@ def test_a_sweep_in_json_lines_and_one_where_nothing_finishes(tmp_path: Path) ->
         "--out", str(tmp_path / "none"), "--quiet",
     )  # fmt: skip
     assert code == EXIT_FAILED and "no setting finished" in err
+
+
+def test_a_config_file_may_list_values_to_sweep(tmp_path: Path) -> None:
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("model: mlp\nmemory: 10240\nworkers: [5000, 6000]\n")
+    code, _, err = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "s"), "--quiet")
+    assert code == EXIT_FAILED and "no setting finished" in err
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert doc["swept"] == {"--workers": [5000, 6000]}
+    assert [p["outcome"] for p in doc["points"]] == ["exceeds-host", "exceeds-host"]
+    assert doc["best"] is None
