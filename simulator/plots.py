@@ -14,6 +14,7 @@ STATUS_MARKERS = {
     "crash": ("x", "#000000", "crash"),
     "error": ("*", "#e377c2", "error"),
 }
+EVENT_LABELS = {"retry": "Lambda retry (attempt > 1)", "rescue": "watchdog rescue"}
 OUTCOME_COLOURS = {
     "ok": "#2ca02c",
     "ok*": "#98df8a",
@@ -119,6 +120,9 @@ def plot_timeline(report: Mapping[str, Any], path: str | Path) -> None:
             if r["attempt"] > 1:
                 ax.plot([t0], [y], marker=">", color="#d62728", ms=5, ls="none")
                 seen_status["retry"] = ax.lines[-1]
+            if r.get("rescue"):
+                ax.plot([t0], [y], marker="D", color="#e377c2", ms=5, ls="none")
+                seen_status["rescue"] = ax.lines[-1]
             marker = STATUS_MARKERS.get(r["status"])
             if marker is not None:
                 sym, col, _ = marker
@@ -139,7 +143,7 @@ def plot_timeline(report: Mapping[str, Any], path: str | Path) -> None:
             Patch(facecolor="white", edgecolor="black", hatch="////", label="cold start")
         )
         for key, line in seen_status.items():
-            label = "retry (attempt > 1)" if key == "retry" else STATUS_MARKERS[key][2]
+            label = EVENT_LABELS.get(key) or STATUS_MARKERS[key][2]
             line.set_label(label)
             handles.append(line)
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)

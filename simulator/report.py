@@ -44,7 +44,8 @@ Output directory::
     warnings:     [text]       e.g. a role within 10% of its memory or /tmp limit
     timeline:     [{request_id, attempt, role, round, worker, env, cold, status, error_type,
                   start_s, end_s, init_ms, duration_ms, billed_ms, max_memory_mb, tmp_peak_mb,
-                  predicted_start_s, predicted_end_s}]  (start_s: laptop seconds since start)
+                  predicted_start_s, predicted_end_s, rescue}]  (start_s: laptop seconds since
+                  the start invoke; rescue: a watchdog's new request after a failed one)
     checks:       {logs_agree, report_lines, ledger_records, billed_ms_logs, billed_ms_ledger,
                   differences: [text]}
     host:         cores, memory_mb, mechanisms
@@ -386,6 +387,14 @@ def _timeline(
             }
         )
     rows.sort(key=lambda x: float(x["start_s"]))
+    # A new request for what a failed earlier one computed is a watchdog rescue (Lambda's own
+    # retries keep the request id).
+    failed_before: dict[tuple[Any, ...], bool] = {}
+    for row in rows:
+        chain = (row["role"], row["round"], row["worker"])
+        row["rescue"] = row["attempt"] == 1 and failed_before.get(chain, False)
+        if row["status"] != "success" and row["role"] != "unknown":
+            failed_before[chain] = True
     return rows
 
 

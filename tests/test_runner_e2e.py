@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from lambda_runtime import billing
-from simulator.cli import EXIT_OK, main
+from simulator.cli import EXIT_FAILED, EXIT_OK, main
 
 N = 2
 # digits: 1,438 training samples; 2 shards of 719 = 23 batches of 32; 8 per invocation: 3 rounds
@@ -249,3 +249,29 @@ def test_the_thesis_config_runs_given_a_cifar_path(tmp_path):
     assert rep["training"]["rounds"] == 1
     # The fake CIFAR-10 has 20 training images: 2 shards of 10, fewer than 2 steps of 8 each.
     assert rep["training"]["curve"][0]["samples"] == 20
+
+
+@pytest.mark.slow
+def test_a_round_that_never_completes_fails_the_run_after_retries_and_rescues(tmp_path):
+    # Worker 0 of round 0 crashes every time: Lambda retries it once, the watchdog rescues it
+    # once (a new request, retried once too), then the run fails with the reason.
+    cfg = tmp_path / "faults.yaml"
+    cfg.write_text(
+        "faults: [{role: worker, at: start, round: 0, worker: 0, action: exit, times: 100}]\n"
+    )
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        "run", *ARGS, "--config", str(cfg), "--retries", "1", "--max-rescues", "1",
+        "--time-scale", "0.001", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == EXIT_FAILED and stdout == ""
+    assert err == "training failed: round 0: worker 0 never arrived after 4 attempts\n"
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["run"]["status"] == "failed"
+    inv = rep["invocations"]
+    assert (inv["crashes"], inv["retried"], inv["rescues"]) == (4, 2, 1)
+    lost = [t for t in rep["timeline"] if (t["role"], t["worker"]) == ("worker", 0)]
+    assert [(t["attempt"], t["rescue"], t["status"]) for t in lost] == [
+        (1, False, "crash"), (2, False, "crash"), (1, True, "crash"), (2, False, "crash"),
+    ]  # fmt: skip
+    assert rep["training"]["rounds"] == 0 and not rep["time"]["predicted_finished"]
