@@ -69,6 +69,9 @@ class AsyncQueue:
             max_workers=max_threads, thread_name_prefix="lambda-async"
         )
         self._dest_lock = threading.Lock()
+        # Distinct (request id, attempt) deliveries that found no concurrency and waited.
+        self._throttled: set[tuple[str, int]] = set()
+        self._counts = {"retries": 0, "expired": 0, "exhausted": 0}
         self._thread = threading.Thread(
             target=self._dispatch, name="lambda-async-dispatch", daemon=True
         )
@@ -82,6 +85,17 @@ class AsyncQueue:
         with self._cond:
             heapq.heappush(self._heap, event)
             self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        """Queue counters: events waiting or running, deliveries that waited for concurrency
+        (throttled), retries scheduled, events dropped for age (expired) or after their last
+        retry (exhausted)."""
+        with self._cond:
+            return {
+                "pending": len(self._heap) + self._in_flight,
+                "throttled": len(self._throttled),
+                **self._counts,
+            }
 
     def pending(self) -> int:
         """Events queued or running."""
@@ -130,6 +144,8 @@ class AsyncQueue:
         try:
             result = self._runner(event)
             if result is None:  # no concurrency: back in the queue, try again shortly
+                with self._cond:
+                    self._throttled.add((event.request_id, event.attempt))
                 self._wait_for_slot(0.02)
                 event.not_before = time.time()
                 self._push(event)
@@ -138,6 +154,8 @@ class AsyncQueue:
             if status != "success":
                 max_retries, _, dest, arn = self._policy(event.function)
                 if event.attempt <= max_retries:
+                    with self._cond:
+                        self._counts["retries"] += 1
                     delay = quotas.ASYNC_RETRY_DELAYS_S[min(event.attempt - 1, 1)] * self.time_scale
                     event.attempt += 1
                     event.not_before = time.time() + delay
@@ -191,6 +209,8 @@ class AsyncQueue:
                 record["responsePayload"] = json.loads(payload) if payload else None
             except ValueError:
                 record["responsePayload"] = payload.decode("utf-8", "replace")
+        with self._cond:
+            self._counts["expired" if condition == "EventAgeExceeded" else "exhausted"] += 1
         line = (json.dumps(record) + "\n").encode()
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self._dest_lock:

@@ -142,6 +142,10 @@ class ExecutionEnvironment(abc.ABC):
         """Kill the runtime's whole process tree and wait until it is gone."""
 
     @abc.abstractmethod
+    def abort(self) -> None:
+        """Kill the runtime now, from any thread: a running invocation ends as a crash."""
+
+    @abc.abstractmethod
     def _exitcode(self, wait_s: float = 0.05) -> int | None:
         """The runtime's exit status (negative: killed by that signal), None while it runs."""
 

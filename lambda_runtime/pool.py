@@ -45,6 +45,7 @@ class _FunctionState(Generic[E]):
     reserved: int | None
     idle: list[E] = field(default_factory=list)  # most recently used last: reused first
     busy: set[str] = field(default_factory=set)
+    leased: dict[str, E] = field(default_factory=dict)  # busy environments by id
     created: int = 0
 
 
@@ -107,6 +108,7 @@ class EnvironmentPool(Generic[E]):
                 env = state.idle.pop()
                 if not env.closed:
                     state.busy.add(env.env_id)
+                    state.leased[env.env_id] = env
                     return env
             placeholder = f"creating-{state.created}"
             state.created += 1
@@ -122,6 +124,7 @@ class EnvironmentPool(Generic[E]):
         with self._cond:
             state.busy.discard(placeholder)
             state.busy.add(env.env_id)
+            state.leased[env.env_id] = env
         return env
 
     def acquire(self, name: str) -> E:
@@ -137,6 +140,7 @@ class EnvironmentPool(Generic[E]):
         with self._cond:
             state = self._state(name)
             state.busy.discard(env.env_id)
+            state.leased.pop(env.env_id, None)
             self._give_slot(state)
             if not env.closed and not self._closed:
                 state.idle.append(env)
@@ -189,6 +193,11 @@ class EnvironmentPool(Generic[E]):
     def idle_environments(self, name: str) -> list[E]:
         with self._cond:
             return list(self._state(name).idle)
+
+    def busy_environments(self) -> list[E]:
+        """Environments running an invocation right now."""
+        with self._cond:
+            return [env for s in self._functions.values() for env in s.leased.values()]
 
     def busy_total(self) -> int:
         with self._cond:

@@ -175,6 +175,13 @@ class ProcessEnvironment(ExecutionEnvironment):
             self._conn.close()
             self._conn = None
 
+    def abort(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.limiter.kill_all()
+
     def _exitcode(self, wait_s: float = 0.05) -> int | None:
         if self._proc is None:
             return None

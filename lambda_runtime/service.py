@@ -311,6 +311,10 @@ class LambdaService:
             except Exception:
                 log.exception("reaping idle environments failed")
 
+    def async_stats(self) -> dict[str, int]:
+        """The async queue's counters (see AsyncQueue.stats): throttled, retries, expired, ..."""
+        return self.queue.stats()
+
     def billing_summary(self, function: str | None = None) -> Any:
         """Billed ms, GB-s and dollars of every invocation so far."""
         return self.ledger.summary(function)
@@ -323,6 +327,9 @@ class LambdaService:
         self._reaper_stop.set()
         if self._http is not None:
             self._http.stop()
+        # Running invocations end now (as crashes in their records), not at their timeouts.
+        for env in self.pool.busy_environments():
+            env.abort()
         self.queue.close()
         self.pool.close()
         deadline = time.monotonic() + 5

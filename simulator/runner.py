@@ -140,26 +140,6 @@ class RunResult:
         return self.status == "finished"
 
 
-class _Service(LambdaService):
-    """The local service, counting async events that had to wait for concurrency (throttles).
-
-    lambda_runtime exposes no throttle counter for async events (they wait in its queue), so this
-    wraps the queue's runner: it returns None exactly when no concurrency was left.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._throttle_lock = threading.Lock()
-        self.throttled: set[tuple[str, int]] = set()
-        super().__init__(*args, **kwargs)
-
-    def _run_async(self, event: Any) -> Any:
-        result = super()._run_async(event)
-        if result is None:
-            with self._throttle_lock:
-                self.throttled.add((event.request_id, event.attempt))
-        return result
-
-
 class _ServiceInvoker:
     """The protocol's Invoker for the runner's own watchdog calls: async invokes in-process."""
 
@@ -273,7 +253,7 @@ class Runner:
         out = self.out
         efs_dir, lambda_dir = out / "efs", out / "lambda"
         code_dir = code_dir_for(s, out)
-        svc = _Service(
+        svc = LambdaService(
             run_dir=lambda_dir,
             clock=s.clock,
             isolation=s.isolation,
@@ -323,7 +303,7 @@ class Runner:
             status=status,
             reason=reason,
             watchdog=watchdog,
-            throttled=len(svc.throttled),
+            throttled=svc.async_stats()["throttled"],
             runner_wall_s=time.time() - t_begin,
             interrupted=interrupted,
         )
@@ -334,7 +314,7 @@ class Runner:
         return RunResult(status, reason, out, report)
 
     def _watch(
-        self, svc: _Service, ws: Workspace, start_at: float, watchdog: list[dict[str, Any]]
+        self, svc: LambdaService, ws: Workspace, start_at: float, watchdog: list[dict[str, Any]]
     ) -> tuple[str, str | None]:
         s = self.settings
         table = SqliteProgressTable(ws.progress_path)
@@ -358,7 +338,7 @@ class Runner:
                     return "failed", reason
             stats = svc.pool.stats(FUNCTION)
             snap.active_envs, snap.environments = stats["busy"], stats["busy"] + stats["idle"]
-            snap.throttled = len(svc.throttled)
+            snap.throttled = svc.async_stats()["throttled"]
             if planned is None:
                 planned = self._planned(ws)
                 snap.rounds_planned = planned

@@ -93,8 +93,14 @@ def test_environment_variables_match_lambda(svc):
     assert env["SHLVL"] == "0"
     assert env["MY_VAR"] == "x"
     assert env["_X_AMZN_TRACE_ID"].startswith("Root=1-")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "LAMBDA_TASK_ROOT",
-                "LAMBDA_RUNTIME_DIR", "AWS_LAMBDA_LOG_STREAM_NAME"):
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "LAMBDA_TASK_ROOT",
+        "LAMBDA_RUNTIME_DIR",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+    ):
         assert env[key]
     assert env["AWS_ENDPOINT_URL_LAMBDA"] == svc.endpoint
 
@@ -126,14 +132,18 @@ def test_timeout_kills_and_reinitialises_but_keeps_tmp(svc):
     rid = result.request_id
     body = result.json()
     assert body["errorType"] == "Sandbox.Timedout"
-    assert re.fullmatch(rf"RequestId: {rid} Error: Task timed out after 1\.\d\d seconds",
-                        body["errorMessage"])
+    assert re.fullmatch(
+        rf"RequestId: {rid} Error: Task timed out after 1\.\d\d seconds", body["errorMessage"]
+    )
     assert result.function_error == "Unhandled"
     assert result.record.status == "timeout" and 1000 <= result.record.duration_ms < 1100
     assert result.record.billed_ms >= 1000
     text = all_logs(svc)
-    assert re.search(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z {rid} Task timed out after "
-                     r"1\.\d\d seconds\n", text)
+    assert re.search(
+        rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z {rid} Task timed out after "
+        r"1\.\d\d seconds\n",
+        text,
+    )
     assert re.search(rf"REPORT RequestId: {rid}\t.*\tStatus: timeout\n", text)
     after = svc.invoke("fn", {})
     state = after.json()
@@ -172,21 +182,33 @@ def test_handler_exception_payload(svc):
     assert body["errorMessage"] == "Handler fails" and body["errorType"] == "Exception"
     assert body["requestId"] == result.request_id
     assert len(body["stackTrace"]) == 1
-    assert re.fullmatch(r'  File ".*handler\.py", line \d+, in fail\n    raise Exception\("Handler fails"\)\n',
-                        body["stackTrace"][0])
+    assert re.fullmatch(
+        r'  File ".*handler\.py", line \d+, in fail\n    raise Exception\("Handler fails"\)\n',
+        body["stackTrace"][0],
+    )
     text = all_logs(svc)
-    assert "[ERROR] Exception: Handler fails\nTraceback (most recent call last):\n\u00a0\u00a0File" in text
+    assert (
+        "[ERROR] Exception: Handler fails\nTraceback (most recent call last):\n\u00a0\u00a0File"
+        in text
+    )
 
 
 @pytest.mark.parametrize(
     ("handler", "error_type", "message"),
     [
-        ("missing_import.handler", "Runtime.ImportModuleError",
-         "Unable to import module 'missing_import': No module named 'module_that_does_not_exist'"),
+        (
+            "missing_import.handler",
+            "Runtime.ImportModuleError",
+            "Unable to import module 'missing_import': No module named 'module_that_does_not_exist'",
+        ),
         ("syntax_error.handler", "Runtime.UserCodeSyntaxError", None),
         ("ok.nothere", "Runtime.HandlerNotFound", "Handler 'nothere' missing on module 'ok'"),
         ("raises_at_import.handler", "RuntimeError", "init went wrong"),
-        ("sys.handler", "Runtime.BuiltInModuleConflict", "Cannot use built-in module sys as a handler module"),
+        (
+            "sys.handler",
+            "Runtime.BuiltInModuleConflict",
+            "Cannot use built-in module sys as a handler module",
+        ),
     ],
 )
 def test_init_errors(svc, handler, error_type, message):
@@ -202,18 +224,26 @@ def test_init_errors(svc, handler, error_type, message):
     assert f"\tPhase: init\tStatus: error\tError Type: {error_type}\n" in text
     assert f"\tPhase: invoke\tStatus: error\tError Type: {error_type}\n" in text
     assert "LAMBDA_WARNING: Unhandled exception." in text
-    assert re.search(rf"REPORT RequestId: {result.request_id}\t.*\tStatus: error\tError Type: {re.escape(error_type)}\n", text)
+    assert re.search(
+        rf"REPORT RequestId: {result.request_id}\t.*\tStatus: error\tError Type: {re.escape(error_type)}\n",
+        text,
+    )
 
 
-@pytest.mark.parametrize(("code", "reason"), [
-    (0, "Runtime exited without providing a reason"),
-    (3, "Runtime exited with error: exit status 3"),
-])
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (0, "Runtime exited without providing a reason"),
+        (3, "Runtime exited with error: exit status 3"),
+    ],
+)
 def test_runtime_exit(svc, code, reason):
     svc.register(fn(handler="handler.exit_now"))
     result = svc.invoke("fn", {"code": code})
-    assert result.json() == {"errorType": "Runtime.ExitError",
-                             "errorMessage": f"RequestId: {result.request_id} Error: {reason}"}
+    assert result.json() == {
+        "errorType": "Runtime.ExitError",
+        "errorMessage": f"RequestId: {result.request_id} Error: {reason}",
+    }
     assert svc.invoke("fn", {"code": code}).record.cold is True  # re-initialised
 
 
@@ -232,20 +262,30 @@ def test_response_too_large(svc):
 def test_request_size_limits(svc):
     svc.register(fn())
     big = {"x": "y" * quotas.SYNC_REQUEST_MAX_BYTES}
-    with pytest.raises(RequestTooLargeException, match="Request must be smaller than 6291456 bytes "
-                       "for the InvokeFunction operation"):
+    with pytest.raises(
+        RequestTooLargeException,
+        match="Request must be smaller than 6291456 bytes for the InvokeFunction operation",
+    ):
         svc.invoke("fn", big)
-    with pytest.raises(RequestTooLargeException, match=r"byte payload is too large for the Event "
-                       r"invocation type \(limit 1048576 bytes\)"):
+    with pytest.raises(
+        RequestTooLargeException,
+        match=r"byte payload is too large for the Event "
+        r"invocation type \(limit 1048576 bytes\)",
+    ):
         svc.invoke("fn", {"x": "y" * quotas.ASYNC_REQUEST_MAX_BYTES}, invocation_type="Event")
 
 
 def test_bad_json_and_unknown_function(svc):
     svc.register(fn())
-    with pytest.raises(InvalidRequestContentException, match="Could not parse request body into json"):
+    with pytest.raises(
+        InvalidRequestContentException, match="Could not parse request body into json"
+    ):
         svc.invoke_raw("fn", b"{not json")
-    with pytest.raises(ResourceNotFoundException, match=r"Function not found: arn:aws:lambda:us-east-1:"
-                       r"000000000000:function:nope:\$LATEST"):
+    with pytest.raises(
+        ResourceNotFoundException,
+        match=r"Function not found: arn:aws:lambda:us-east-1:"
+        r"000000000000:function:nope:\$LATEST",
+    ):
         svc.invoke("nope", {})
 
 
@@ -264,7 +304,10 @@ def test_log_lines_and_tail(svc):
     rid = result.request_id
     assert tail.startswith(f"START RequestId: {rid} Version: $LATEST\n")
     assert "hello from print\n" in tail and "hello from stderr\n" in tail
-    assert re.search(rf"\[WARNING\]\t\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z\t{rid}\thello from logging\n", tail)
+    assert re.search(
+        rf"\[WARNING\]\t\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z\t{rid}\thello from logging\n",
+        tail,
+    )
     assert f"END RequestId: {rid}\n" in tail
     m = REPORT_RE.search(tail)
     assert m and m["id"] == rid and m["rest"] == "" and m["i"] is not None
@@ -284,8 +327,10 @@ def test_tail_is_last_4kb(svc):
 def test_out_of_memory(svc):
     svc.register(fn(handler="handler.allocate", memory_mb=256, timeout_s=30))
     result = svc.invoke("fn", {"mb": 400})
-    assert result.json() == {"errorType": "Runtime.ExitError",
-                             "errorMessage": f"RequestId: {result.request_id} Error: Runtime exited with error: signal: killed"}
+    assert result.json() == {
+        "errorType": "Runtime.ExitError",
+        "errorMessage": f"RequestId: {result.request_id} Error: Runtime exited with error: signal: killed",
+    }
     m = reports(svc)[-1]
     assert m["u"] == "256" and m["rest"] == "Status: error\tError Type: Runtime.OutOfMemory"
     assert result.record.status == "oom"
@@ -340,8 +385,9 @@ def test_reserved_concurrency_throttles_sync(make_service, backend):
 # ---- async queue ------------------------------------------------------------------------------
 def test_async_retries_then_on_failure_destination(svc, tmp_path):
     marks = tmp_path / "marks"
-    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=2,
-                    efs={"/mnt/efs": marks}))
+    svc.register(
+        fn(handler="handler.fail_always_async", max_retry_attempts=2, efs={"/mnt/efs": marks})
+    )
     result = svc.invoke("fn", {"n": 1}, invocation_type="Event")
     assert svc.wait_idle(30)
     assert len(list(marks.iterdir())) == 3  # first try + 2 retries
@@ -360,8 +406,9 @@ def test_async_retries_then_on_failure_destination(svc, tmp_path):
 
 
 def test_async_zero_retries(svc, tmp_path):
-    svc.register(fn(handler="handler.fail_always_async", max_retry_attempts=0,
-                    efs={"/mnt/efs": tmp_path}))
+    svc.register(
+        fn(handler="handler.fail_always_async", max_retry_attempts=0, efs={"/mnt/efs": tmp_path})
+    )
     svc.invoke("fn", {}, invocation_type="Event")
     assert svc.wait_idle(30)
     assert len(list(tmp_path.glob("attempt-*"))) == 1
@@ -383,9 +430,14 @@ def boto_client(endpoint):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("lambda", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="x", aws_secret_access_key="x",
-                        config=Config(retries={"max_attempts": 1}, read_timeout=120))
+    return boto3.client(
+        "lambda",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1}, read_timeout=120),
+    )
 
 
 def test_boto3_invoke_through_http(svc):
@@ -446,6 +498,47 @@ def test_init_phase_is_capped_at_ten_seconds(svc):
     result = svc.invoke("fn", {})
     assert result.json()["errorType"] == "Sandbox.Timedout"
     text = all_logs(svc)
-    m = re.search(r"INIT_REPORT Init Duration: (\d+\.\d\d) ms\tPhase: init\tStatus: timeout\n", text)
+    m = re.search(
+        r"INIT_REPORT Init Duration: (\d+\.\d\d) ms\tPhase: init\tStatus: timeout\n", text
+    )
     assert m and 10_000 <= float(m[1]) < 10_500
     assert re.search(rf"REPORT RequestId: {result.request_id}\t.*\tStatus: timeout\n", text)
+
+
+def test_async_queue_counts_throttles_retries_and_drops(svc, tmp_path):
+    svc.register(fn(name="slow", handler="handler.sleep", reserved_concurrency=1, timeout_s=10))
+    svc.register(
+        fn(
+            name="bad",
+            handler="handler.fail_always_async",
+            max_retry_attempts=1,
+            efs={"/mnt/efs": tmp_path},
+        )
+    )
+    for _ in range(3):
+        svc.invoke("slow", {"seconds": 0.2}, invocation_type="Event")
+    svc.invoke("bad", {}, invocation_type="Event")
+    assert svc.wait_idle(30)
+    stats = svc.async_stats()
+    assert stats["pending"] == 0
+    assert stats["throttled"] >= 2  # two of the three "slow" events waited for the one slot
+    assert stats["retries"] == 1 and stats["exhausted"] == 1 and stats["expired"] == 0
+
+
+def test_close_ends_running_invocations_at_once(make_service, backend):
+    import threading
+    import time
+
+    svc = make_service("portable" if backend == "portable" else "auto")
+    svc.register(fn(handler="handler.sleep", timeout_s=60))
+    results = []
+    t = threading.Thread(target=lambda: results.append(svc.invoke("fn", {"seconds": 30})))
+    t.start()
+    svc.invoke("fn", {"seconds": 30}, invocation_type="Event")
+    time.sleep(0.5)
+    started = time.monotonic()
+    svc.close()
+    t.join(10)
+    assert time.monotonic() - started < 10
+    assert results and results[0].function_error == "Unhandled"
+    assert results[0].record.status == "crash"
