@@ -64,7 +64,7 @@ def test_reserved_and_malformed_env_vars():
 def test_env_vars_4kb_total():
     ok = {"K": "v" * 10}
     make(environment={"KEY": "v" * (quotas.ENV_VARS_MAX_BYTES - len('{"KEY":""}'))})
-    with pytest.raises(ConfigError, match="exceeded the 4KB limit. String measured: "):
+    with pytest.raises(ConfigError, match=r"exceeded the 4KB limit\. String measured: "):
         make(environment={"KEY": "v" * (quotas.ENV_VARS_MAX_BYTES - len('{"KEY":""}') + 1)})
     assert make(environment={"KK": ok["K"]}).environment["KK"] == ok["K"]
 
@@ -81,7 +81,7 @@ def test_efs_mount_rules(tmp_path):
 def test_other_fields(tmp_path):
     with pytest.raises(ConfigError, match="code_dir: must be an existing directory"):
         make(code_dir=tmp_path / "nope")
-    with pytest.raises(ConfigError, match="handler: must be 'module.function'"):
+    with pytest.raises(ConfigError, match=r"handler: must be 'module\.function'"):
         make(handler="nodot")
     with pytest.raises(ConfigError, match="name: must be 1-64"):
         make(name="bad name")

@@ -21,7 +21,9 @@ def test_eight_cpu_bound_copies_on_two_cores_see_their_own_lambda(make_service):
     svc = make_service("auto")
     # 1,769 MB buys exactly one vCPU, so the CPU quota never slows a single-threaded copy.
     svc.register(fn(handler="handler.spin", memory_mb=1769, timeout_s=60, reserved_concurrency=8))
-    threads = [threading.Thread(target=svc.invoke, args=("fn", {"iterations": 1000})) for _ in range(8)]
+    threads = [
+        threading.Thread(target=svc.invoke, args=("fn", {"iterations": 1000})) for _ in range(8)
+    ]
     for t in threads:  # eight warm environments
         t.start()
     for t in threads:

@@ -199,7 +199,8 @@ def test_handler_exception_payload(svc):
         (
             "missing_import.handler",
             "Runtime.ImportModuleError",
-            "Unable to import module 'missing_import': No module named 'module_that_does_not_exist'",
+            "Unable to import module 'missing_import': "
+            "No module named 'module_that_does_not_exist'",
         ),
         ("syntax_error.handler", "Runtime.UserCodeSyntaxError", None),
         ("ok.nothere", "Runtime.HandlerNotFound", "Handler 'nothere' missing on module 'ok'"),
@@ -225,7 +226,8 @@ def test_init_errors(svc, handler, error_type, message):
     assert f"\tPhase: invoke\tStatus: error\tError Type: {error_type}\n" in text
     assert "LAMBDA_WARNING: Unhandled exception." in text
     assert re.search(
-        rf"REPORT RequestId: {result.request_id}\t.*\tStatus: error\tError Type: {re.escape(error_type)}\n",
+        rf"REPORT RequestId: {result.request_id}\t.*\tStatus: error\t"
+        rf"Error Type: {re.escape(error_type)}\n",
         text,
     )
 
@@ -252,7 +254,8 @@ def test_response_too_large(svc):
     result = svc.invoke("fn", {"bytes": quotas.SYNC_RESPONSE_MAX_BYTES})  # + 2 quotes
     assert result.function_error == "Unhandled"
     assert result.json() == {
-        "errorMessage": "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
+        "errorMessage": "Response payload size exceeded maximum allowed payload size "
+        "(6291556 bytes).",
         "errorType": "Function.ResponseSizeTooLarge",
     }
     ok = svc.invoke("fn", {"bytes": quotas.SYNC_RESPONSE_MAX_BYTES - 2})
@@ -329,7 +332,8 @@ def test_out_of_memory(svc):
     result = svc.invoke("fn", {"mb": 400})
     assert result.json() == {
         "errorType": "Runtime.ExitError",
-        "errorMessage": f"RequestId: {result.request_id} Error: Runtime exited with error: signal: killed",
+        "errorMessage": f"RequestId: {result.request_id} Error: Runtime exited with error: "
+        "signal: killed",
     }
     m = reports(svc)[-1]
     assert m["u"] == "256" and m["rest"] == "Status: error\tError Type: Runtime.OutOfMemory"
