@@ -8,10 +8,10 @@ Triggers: a worker publishes its result, then adds its id to the round's Arrival
 sees the set complete (the completing add, or a later duplicate that still finds the combine
 unclaimed) tries ``claim(combine-<r>)``; only the winner invokes the combine. The combine is
 idempotent; whoever completes it tries ``claim(fanout-<r+1>)`` and only the winner invokes the
-N workers of the next round. The combine of round ``r`` turns weights ``r`` into ``r + 1`` and
-then deletes weights and results older than the ``history`` newest rounds; round ``r`` counts as
-done while weights ``r + 1`` exist or once ``fanout-<r+1>`` is claimed (pruning comes later), so
-a late duplicate of any old round is recognised and ignored.
+N workers of the next round. The combine of round ``r`` turns weights ``r`` into ``r + 1`` and,
+after the fan-out, deletes weights and results older than the ``history`` newest rounds; round
+``r`` counts as done while weights ``r + 1`` exist or once ``fanout-<r+1>`` is claimed (pruning
+comes later), so a late duplicate of any old round is recognised and ignored.
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ def run_combine(
         fail_run(ws, table, r, str(record["reason"]))
         return {**out, "status": "failed", "reason": record["reason"]}
     inject_fault(ws, cfg, "combine", "after_publish", r, None)
-    ws.prune(r + 1, cfg.history)
 
     def record_progress(won: bool, now: float) -> None:
         # Whoever wins the next fan-out also opens the next round's row, in the same transaction.
@@ -82,11 +81,18 @@ def run_combine(
             next_round=(r + 1, sched.epoch(r + 1), now) if won else None,
         )
 
+    # Pruning comes after the fan-out, off the next round's critical path: its workers run
+    # while old rounds are deleted. Safe at any point after weights r+1 are published (what it
+    # deletes is older than what anyone still reads; see Workspace.round_done), and a combine
+    # that dies before it leaves the work to the next round's prune, which takes every round
+    # below its cutoff.
     if record["decision"] == "continue":
         sent = fan_out(ws, state, r + 1, invoker, f"combine-{r}", record_progress)
+        ws.prune(r + 1, cfg.history)
         return {**out, "status": status, "next_round_invoked": sent, "loss": record["loss"]}
     record_progress(False, time.time())
     _finish(ws, state, r, record, table)
+    ws.prune(r + 1, cfg.history)
     return {**out, "status": "finished", "reason": record["reason"], "loss": record["loss"]}
 
 

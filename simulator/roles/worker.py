@@ -110,7 +110,7 @@ def _compute(
 ) -> tuple[Contribution, dict[str, Any]]:
     cfg, sched, model, ds = state.config, state.schedule, state.model, state.dataset
     t0 = time.perf_counter()
-    weights, _ = ws.read_weights(r)
+    weights, _ = ws.read_weights(r, with_velocity=False)  # the combine applies momentum
     idx = state.shard(sched.epoch(r), worker)
     start = sched.start_step(r)
     planned = max(0, min(sched.steps_per_round, ceil_div(len(idx), cfg.batch_size) - start))
