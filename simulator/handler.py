@@ -38,6 +38,7 @@ from simulator.protocol import (
     check_mount,
     check_run_id,
     check_stalled,
+    run_aggregate,
     run_combine,
     run_start,
     run_worker,
@@ -47,6 +48,7 @@ ROLE_KEYS: Mapping[str, str] = {
     "start": "start",
     "workerno": "worker",
     "combine": "combine",
+    "aggregate": "aggregate",
     "check": "check",
 }
 _COMMON = ("run", "mount")
@@ -54,12 +56,14 @@ FIELDS: Mapping[str, tuple[str, ...]] = {
     "start": ("start", "workers", "config", *_COMMON),
     "worker": ("workerno", "workers", "epochsdone", "round", *_COMMON),
     "combine": ("combine", "workers", "epochsdone", "round", *_COMMON),
+    "aggregate": ("aggregate", "shard", "workers", "epochsdone", "round", *_COMMON),
     "check": ("check", "workers", *_COMMON),
 }
 REQUIRED: Mapping[str, tuple[str, ...]] = {
     "start": ("workers",),
     "worker": ("workers", "epochsdone"),
     "combine": ("workers", "epochsdone"),
+    "aggregate": ("shard", "workers", "epochsdone"),
     "check": (),
 }
 LOG_PREFIX = "[simulator] "
@@ -77,6 +81,7 @@ class Request:
     epochsdone: int | None = None
     round: int | None = None
     config: Mapping[str, Any] | None = None
+    shard: int | None = None
 
 
 def _int_field(event: Mapping[str, Any], name: str, lo: int, hi: int | None = None) -> int:
@@ -115,7 +120,7 @@ def parse_event(event: Any) -> Request:
     for key in REQUIRED[role]:
         if key not in event:
             raise EventError(key, f"missing; a {role} event needs {', '.join(REQUIRED[role])}")
-    for flag in ("start", "combine", "check"):
+    for flag in ("start", "combine", "aggregate", "check"):
         if flag in event and event[flag] is not True:
             raise EventError(flag, f"must be true, got {json.dumps(event[flag])}")
     workers = _int_field(event, "workers", 1, MAX_WORKERS) if "workers" in event else None
@@ -123,6 +128,11 @@ def parse_event(event: Any) -> Request:
     if role == "worker":
         assert workers is not None
         worker = _int_field(event, "workerno", 0, workers - 1)
+    shard = None
+    if role == "aggregate":
+        assert workers is not None
+        # A run has at most `workers` shards; the run's own count is checked by the role.
+        shard = _int_field(event, "shard", 0, workers - 1)
     epochsdone = _int_field(event, "epochsdone", 0) if "epochsdone" in event else None
     round_ = _int_field(event, "round", 0) if "round" in event else None
     run = check_run_id("run", event.get("run", DEFAULT_RUN))
@@ -130,7 +140,7 @@ def parse_event(event: Any) -> Request:
     config = event.get("config")
     if config is not None and not isinstance(config, Mapping):
         raise EventError("config", f"must be a JSON object of training settings, got {config!r}")
-    return Request(role, run, mount, workers, worker, epochsdone, round_, config)
+    return Request(role, run, mount, workers, worker, epochsdone, round_, config, shard)
 
 
 def task_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -194,6 +204,7 @@ def handle(
             "run": req.run,
             "round": req.round,
             "worker": req.worker,
+            **({} if req.shard is None else {"shard": req.shard}),
             "request_id": getattr(context, "aws_request_id", None),
         }
     )
@@ -239,6 +250,18 @@ def handle(
                 ctx=context,
                 invoker=inv,
                 progress=progress,
+            )
+        elif req.role == "aggregate":
+            assert req.workers is not None and req.shard is not None
+            assert req.epochsdone is not None
+            result = run_aggregate(
+                ws,
+                shard=req.shard,
+                workers=req.workers,
+                epochsdone=req.epochsdone,
+                round=req.round,
+                ctx=context,
+                invoker=inv,
             )
         else:
             result = check_stalled(ws, inv, progress)

@@ -117,6 +117,18 @@ def combine_event(ws: Workspace, sched: Schedule, round: int) -> dict[str, Any]:
     }
 
 
+def aggregate_event(ws: Workspace, sched: Schedule, round: int, shard: int) -> dict[str, Any]:
+    """The event that sums shard `shard`'s results of round `round` (sharded aggregation)."""
+    return {
+        "aggregate": True,
+        "shard": shard,
+        "workers": sched.workers,
+        "epochsdone": sched.epoch(round),
+        "round": round,
+        **_base(ws),
+    }
+
+
 def start_event(ws: Workspace, workers: int) -> dict[str, Any]:
     """A start event for an existing run (its config is on EFS)."""
     return {"start": True, "workers": workers, **_base(ws)}
@@ -125,7 +137,7 @@ def start_event(ws: Workspace, workers: int) -> dict[str, Any]:
 def resolve_round(
     sched: Schedule, workers: int, round: int | None, epochsdone: int, cfg: TrainingConfig
 ) -> int:
-    """Check a worker/combine event against the run; the round it means."""
+    """Check a worker/aggregate/combine event against the run; the round it means."""
     if workers != cfg.workers:
         raise EventError("workers", f"must be {cfg.workers}, the run's worker count, got {workers}")
     if round is None:
@@ -232,6 +244,7 @@ __all__ = [
     "Context",
     "FanOutError",
     "Invoker",
+    "aggregate_event",
     "combine_event",
     "fan_out",
     "inject_fault",

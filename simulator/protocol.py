@@ -6,6 +6,8 @@ and, on start, ``config``)::
     {"start": true, "workers": N}                        -> run_start
     {"workerno": i, "workers": N, "epochsdone": e}       -> run_worker
     {"combine": true, "workers": N, "epochsdone": e}     -> run_combine
+    {"aggregate": true, "shard": s, "workers": N, "epochsdone": e}
+                                                         -> run_aggregate (sharded aggregation)
     {"check": true}                                      -> check_stalled (the watchdog)
 
 Events are parsed in :mod:`simulator.handler`. This module is the protocol's public face; each
@@ -30,6 +32,7 @@ from simulator.invoke import Boto3Invoker as Boto3Invoker
 from simulator.invoke import Context as Context
 from simulator.invoke import FanOutError as FanOutError
 from simulator.invoke import Invoker as Invoker
+from simulator.invoke import aggregate_event as aggregate_event
 from simulator.invoke import combine_event as combine_event
 from simulator.invoke import fan_out as fan_out
 from simulator.invoke import inject_fault as inject_fault
@@ -44,10 +47,14 @@ from simulator.roles import run_combine as run_combine
 from simulator.roles import run_start as run_start
 from simulator.roles import run_worker as run_worker
 from simulator.roles.combine import fail_run as fail_run
+from simulator.roles.combine import run_aggregate as run_aggregate
+from simulator.run_state import RunPlan as RunPlan
 from simulator.run_state import RunState as RunState
 from simulator.run_state import build_model as build_model
+from simulator.run_state import load_plan as load_plan
 from simulator.run_state import load_run as load_run
 from simulator.run_state import progress_for as progress_for
+from simulator.training_config import AGGREGATIONS as AGGREGATIONS
 from simulator.training_config import DEFAULT_MOUNT as DEFAULT_MOUNT
 from simulator.training_config import DEFAULT_RUN as DEFAULT_RUN
 from simulator.training_config import FAULT_ACTIONS as FAULT_ACTIONS
@@ -66,6 +73,7 @@ from simulator.training_config import TrainingConfig as TrainingConfig
 from simulator.training_config import ceil_div as ceil_div
 from simulator.training_config import check_mount as check_mount
 from simulator.training_config import check_run_id as check_run_id
+from simulator.training_config import default_shards as default_shards
 from simulator.watchdog import check_stalled as check_stalled
 from simulator.workspace import Workspace as Workspace
 from simulator.workspace import finite_or_none as finite_or_none
@@ -101,6 +109,8 @@ from lambda_runtime.efs import read_npy as read_npy
 from lambda_runtime.efs import safe_join as safe_join
 from simulator.aggregate import combine_gradient_averaging as combine_gradient_averaging
 from simulator.aggregate import combine_model_averaging as combine_model_averaging
+from simulator.aggregate import partial_sums as partial_sums
+from simulator.aggregate import shard_of as shard_of
 from simulator.algorithms import ALGORITHMS as ALGORITHMS
 from simulator.algorithms import Contribution as Contribution
 from simulator.algorithms import SGDConfig as SGDConfig
@@ -140,15 +150,19 @@ __all__ = [
     "Fault",
     "InjectedFault",
     "Invoker",
+    "RunPlan",
     "RunState",
     "Schedule",
     "TrainingConfig",
     "Workspace",
+    "aggregate_event",
     "check_stalled",
     "combine_event",
     "evaluate",
     "fan_out",
+    "load_plan",
     "load_run",
+    "run_aggregate",
     "run_combine",
     "run_start",
     "run_worker",

@@ -4,7 +4,9 @@ A warm Lambda environment serves many invocations; re-reading the config, re-ope
 memory-mapped dataset and rebuilding the model (seconds for a Keras model) on each would dominate
 short rounds. :func:`load_run` caches a :class:`RunState` per config file (keyed by inode and
 mtime, so a new run under the same name is never served stale state), :func:`progress_for` one
-progress table object per table.
+progress table object per table. Roles that only route events (the shard aggregator, the
+watchdog) need no model and no data: :func:`load_plan` gives them the config and the schedule
+from config.json and the dataset's manifest, without importing a model's framework.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from simulator.data import Dataset, batches, open_from_efs, shard_indices
+from lambda_runtime.efs import CorruptFileError, read_json
+from simulator.data import MANIFEST, Dataset, batches, open_from_efs, shard_indices
 from simulator.models import Array, Model, get_model
 from simulator.progress import ProgressTable, open_progress
 from simulator.training_config import EventError, Schedule, TrainingConfig
@@ -115,6 +118,49 @@ def load_run(ws: Workspace) -> RunState:
         return _STATES[key]
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's config and schedule: what routing roles need, without dataset or model."""
+
+    config: TrainingConfig
+    schedule: Schedule
+
+
+_PLANS: dict[tuple[str, int, int], RunPlan] = {}
+
+
+def load_plan(ws: Workspace) -> RunPlan:
+    """The run's config and schedule (from config.json and the dataset manifest), cached.
+
+    Builds no model, so it never imports TensorFlow into a watchdog or an aggregator.
+    """
+    try:
+        st = ws.config_path.stat()
+    except FileNotFoundError:
+        ws.read_config()  # raises the EventError that names the run
+        raise
+    key = (str(ws.config_path), st.st_ino, st.st_mtime_ns)
+    with _STATES_GUARD:
+        state = _STATES.get(key)
+        plan = _PLANS.get(key)
+    if state is not None:
+        return RunPlan(state.config, state.schedule)
+    if plan is not None:
+        return plan
+    cfg = ws.read_config()
+    manifest_path = ws.data_dir / MANIFEST
+    manifest = read_json(manifest_path)
+    try:
+        n_train = int(manifest["arrays"]["y_train"]["shape"][0])
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise CorruptFileError(manifest_path, f"malformed manifest ({exc!r})") from exc
+    plan = RunPlan(cfg, Schedule(n_train, cfg.workers, cfg.batch_size, cfg.steps))
+    with _STATES_GUARD:
+        if len(_PLANS) >= 4:
+            _PLANS.clear()
+        return _PLANS.setdefault(key, plan)
+
+
 _TABLES: dict[tuple[str, str, str | None], ProgressTable] = {}
 
 
@@ -128,4 +174,4 @@ def progress_for(ws: Workspace, cfg: TrainingConfig) -> ProgressTable:
     return table
 
 
-__all__ = ["RunState", "build_model", "load_run", "progress_for"]
+__all__ = ["RunPlan", "RunState", "build_model", "load_plan", "load_run", "progress_for"]

@@ -14,6 +14,12 @@ the epochs completed before it (with ``R = 1``, as in the thesis, it equals the 
 thesis-style event without ``round`` means the first round of epoch ``epochsdone``. A worker that
 stops early skips the rest of its mini-batches for that round; the next round moves on (its
 sample count says what was done).
+
+Aggregation (``aggregation``): ``"single"`` is the thesis's one combiner, which reads all N
+results; ``"sharded"`` splits the round's workers into ``shards`` groups (default
+``ceil(sqrt(N))``; worker ``i`` belongs to shard ``i % shards``), each summed by its own
+aggregator, so the final combine reads ``shards`` partials instead of N results
+(:mod:`simulator.roles.aggregate`).
 """
 
 from __future__ import annotations
@@ -125,14 +131,19 @@ def check_run_id(name: str, value: Any) -> str:
 FAULT_POINTS: Mapping[str, tuple[str, ...]] = {
     "start": ("after_fanout_claim",),
     "worker": ("start", "mid_round", "before_publish", "after_publish", "after_arrival"),
+    "aggregate": ("start", "after_publish", "after_arrival"),
     "combine": ("start", "after_publish", "after_fanout_claim"),
 }
+AGGREGATIONS = ("single", "sharded")
 FAULT_ACTIONS = ("raise", "exit", "hang")
 
 
 @dataclass(frozen=True)
 class Fault:
-    """Test-only: crash the first `times` invocations of `role` reaching point `at`."""
+    """Test-only: crash the first `times` invocations of `role` reaching point `at`.
+
+    For the ``aggregate`` role, ``worker`` selects the shard.
+    """
 
     role: str
     at: str
@@ -195,6 +206,8 @@ class TrainingConfig:
     max_rescues: int = 2
     safety_margin_ms: float = 1000.0
     publish_mb_per_s: float = 50.0
+    aggregation: str = "single"
+    shards: int | None = None
     faults: tuple[Fault, ...] = ()
 
     @classmethod
@@ -248,8 +261,11 @@ class TrainingConfig:
         raw_faults = v.get("faults", [])
         if not isinstance(raw_faults, (list, tuple)):
             raise EventError(c + "faults", f"must be a list, got {raw_faults!r}")
+        workers_n = _int(c + "workers", v.get("workers"), 1, MAX_WORKERS)
+        aggregation = _choice(c + "aggregation", v.get("aggregation", "single"), AGGREGATIONS)
+        shards = _shards(c + "shards", v.get("shards"), aggregation, workers_n)
         cfg = cls(
-            workers=_int(c + "workers", v.get("workers"), 1, MAX_WORKERS),
+            workers=workers_n,
             model=_choice(c + "model", v.get("model", "softmax"), MODEL_NAMES),
             model_kwargs=dict(model_kwargs),
             dataset=dataset,
@@ -284,6 +300,8 @@ class TrainingConfig:
             publish_mb_per_s=_real(
                 c + "publish_mb_per_s", v.get("publish_mb_per_s", 50.0), 0.0, open_lo=True
             ),
+            aggregation=aggregation,
+            shards=shards,
             faults=tuple(
                 Fault.from_mapping(f"{c}faults[{i}]", f) for i, f in enumerate(raw_faults)
             ),
@@ -302,6 +320,20 @@ class TrainingConfig:
         return out
 
     @property
+    def sharded(self) -> bool:
+        """The round is aggregated by shard aggregators before the final combine."""
+        return self.aggregation == "sharded"
+
+    @property
+    def shard_count(self) -> int:
+        """Aggregators per round: `shards` when sharded, else 1 (the combiner itself)."""
+        return self.shards if self.shards is not None else 1
+
+    def shard_workers(self, shard: int) -> range:
+        """The worker ids that shard `shard` sums (``aggregate.shard_of`` inverted)."""
+        return range(shard, self.workers, self.shard_count)
+
+    @property
     def sgd(self) -> SGDConfig:
         """The SGD settings."""
         return SGDConfig(self.lr, self.momentum, self.weight_decay)
@@ -312,6 +344,24 @@ class TrainingConfig:
             return self.stall_after_s
         timeout = self.timeout_s or 900
         return (self.max_retry_attempts + 1) * timeout + RETRY_DELAYS_S + STALL_SLACK_S
+
+
+def default_shards(workers: int) -> int:
+    """ceil(sqrt(workers)): balances N/S results per aggregator against S partials to combine."""
+    return math.isqrt(workers - 1) + 1
+
+
+def _shards(name: str, value: Any, aggregation: str, workers: int) -> int | None:
+    """The shard count stored in the config: None for 'single', resolved for 'sharded'."""
+    if aggregation != "sharded":
+        if value is not None:
+            raise EventError(name, f"only applies when aggregation is 'sharded', got {value!r}")
+        return None
+    if value is None:
+        return default_shards(workers)
+    # More shards than workers would leave an aggregator with nobody to wait for.
+    checked: int = _int(name, value, 1, workers)
+    return checked
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -358,6 +408,7 @@ class Schedule:
 
 
 __all__ = [
+    "AGGREGATIONS",
     "DEFAULT_MOUNT",
     "DEFAULT_RUN",
     "FAULT_ACTIONS",
@@ -376,4 +427,5 @@ __all__ = [
     "ceil_div",
     "check_mount",
     "check_run_id",
+    "default_shards",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 from simulator.invoke import (
     Boto3Invoker,
     Invoker,
+    aggregate_event,
     combine_event,
     invoke_all,
     start_event,
@@ -28,8 +29,8 @@ from simulator.invoke import (
 )
 from simulator.progress import ProgressTable
 from simulator.roles.combine import fail_run
-from simulator.run_state import load_run, progress_for
-from simulator.training_config import TrainingConfig
+from simulator.run_state import load_plan, progress_for
+from simulator.training_config import Schedule, TrainingConfig
 from simulator.workspace import Workspace
 
 
@@ -84,13 +85,13 @@ def check_stalled(
         # Weights r exist but nobody fanned out (or finished): the previous combine (or the
         # start) died after publishing. Re-running it is idempotent.
         since = ws.weights_dir(r).stat().st_mtime
-        state = load_run(ws)
+        sched = load_plan(ws).schedule
 
         def redo() -> None:
             if r == 0:
                 invoker.invoke_async(target_function(cfg), start_event(ws, cfg.workers))
             else:
-                invoker.invoke_async(target_function(cfg), combine_event(ws, state.schedule, r - 1))
+                invoker.invoke_async(target_function(cfg), combine_event(ws, sched, r - 1))
 
         what = "start" if r == 0 else f"combine of round {r - 1}"
         return _rescue(
@@ -106,21 +107,28 @@ def check_stalled(
             progress,
             r,
         )
-    state = load_run(ws)
-    members = ws.arrivals(r).members()
-    missing = [i for i in range(cfg.workers) if str(i) not in members]
+    sched = load_plan(ws).schedule
+    arrived = ws.arrived_workers(r, cfg)
+    missing = [i for i in range(cfg.workers) if i not in arrived]
     since = ws.claim_time(f"fanout-{r}") or now
+    if not missing and cfg.sharded:
+        partials = ws.partial_arrivals(r).members()
+        shards = [k for k in range(cfg.shard_count) if str(k) not in partials]
+        if shards:
+            return _rescue_shards(
+                ws, cfg, sched, r, shards, since, now, stall, out, invoker, progress
+            )
 
     def rescue() -> None:
         if missing:
             invoke_all(
                 invoker,
                 target_function(cfg),
-                [worker_event(ws, state.schedule, r, i) for i in missing],
+                [worker_event(ws, sched, r, i) for i in missing],
             )
         else:
             ws.claim(f"combine-{r}", "watchdog")
-            invoker.invoke_async(target_function(cfg), combine_event(ws, state.schedule, r))
+            invoker.invoke_async(target_function(cfg), combine_event(ws, sched, r))
 
     if missing:
         first = missing[0]
@@ -133,8 +141,47 @@ def check_stalled(
             reason += f" (missing workers: {', '.join(map(str, missing))})"
     else:
         reason = f"round {r}: all workers arrived but the combine never completed"
+        # The combine's stage starts when its trigger claimed it, not at the fan-out.
+        since = max(since, ws.claim_time(f"combine-{r}") or since)
     report = _rescue(ws, cfg, str(r), since, now, stall, out, rescue, reason, progress, r)
     report["missing"] = missing
+    return report
+
+
+def _rescue_shards(
+    ws: Workspace,
+    cfg: TrainingConfig,
+    sched: Schedule,
+    r: int,
+    shards: list[int],
+    fanned_out: float,
+    now: float,
+    stall: float,
+    out: dict[str, Any],
+    invoker: Invoker,
+    progress: ProgressTable | None,
+) -> dict[str, Any]:
+    """Re-invoke the aggregators of `shards` (all workers arrived, their partials did not)."""
+    # A stage's clock starts when it could start: the last of its workers arrived and claimed
+    # the aggregation; the round's own rescues (of workers) restart it too.
+    claimed = [ws.claim_time(f"aggregate-{r}-{k}") for k in shards]
+    _, last_round_rescue = _rescue_count(ws, str(r))
+    since = max([fanned_out, last_round_rescue or fanned_out, *[t for t in claimed if t]])
+
+    def rescue() -> None:
+        for k in shards:
+            ws.claim(f"aggregate-{r}-{k}", "watchdog")  # so no late worker sends it again
+        invoke_all(
+            invoker, target_function(cfg), [aggregate_event(ws, sched, r, k) for k in shards]
+        )
+
+    reason = (
+        f"round {r}: all workers arrived but the aggregation of "
+        f"shard{'' if len(shards) == 1 else 's'} {', '.join(map(str, shards))} never completed"
+    )
+    report = _rescue(ws, cfg, f"{r}-shards", since, now, stall, out, rescue, reason, progress, r)
+    report["missing"] = []
+    report["missing_shards"] = shards
     return report
 
 

@@ -6,9 +6,13 @@ EFS layout, under ``<mount>/runs/<run>/``::
     data/                          the dataset as .npy + manifest (prepare_on_efs)
     weights/round-<r>/             array-<k>.npy [velocity-<k>.npy] meta.json  (immutable)
     results/round-<r>/worker-<i>/  array-<k>.npy meta.json  (immutable)
-    arrivals/round-<r>/            ArrivalSet of worker ids
+    results/round-<r>/shard-<s>/   a shard aggregator's partial, same format  (immutable)
+    arrivals/round-<r>/            ArrivalSet of worker ids (single combiner)
+    arrivals/round-<r>/shard-<s>/  ArrivalSet of shard s's worker ids (sharded)
+    arrivals/round-<r>/partials/   ArrivalSet of the shards whose partial is published (sharded)
     attempts/round-<r>/worker-<i>/ one marker per worker invocation (for failure reasons)
-    claims/combine-<r>, claims/fanout-<r>, claims/rescue-..., claims/fault-...
+    claims/combine-<r>, claims/fanout-<r>, claims/aggregate-<r>-<s>, claims/rescue-...,
+    claims/fault-...
     progress.sqlite                the progress table (unless config.progress is 'dynamodb')
     final/                         array-<k>.npy summary.json
     failed.json                    why the run failed, if it did
@@ -163,6 +167,10 @@ class Workspace:
         """Worker `worker`'s result for round `round`."""
         return self.root / "results" / f"round-{round}" / f"worker-{worker}"
 
+    def partial_dir(self, round: int, shard: int) -> Path:
+        """Shard `shard`'s partial aggregate for round `round` (pruned with the results)."""
+        return self.root / "results" / f"round-{round}" / f"shard-{shard}"
+
     def claim_path(self, name: str) -> Path:
         """A claim file."""
         return self.root / "claims" / name
@@ -302,6 +310,11 @@ class Workspace:
 
     def publish_result(self, round: int, c: Contribution, meta: Mapping[str, Any]) -> bool:
         """Publish a contribution once; False if the worker's result already existed."""
+        return self._publish_contribution(self.result_dir(round, c.worker), c, meta)
+
+    def _publish_contribution(
+        self, directory: Path, c: Contribution, meta: Mapping[str, Any]
+    ) -> bool:
         arrays = {f"array-{k}.npy": a for k, a in enumerate(c.arrays)}
         full = {
             **meta,
@@ -311,22 +324,56 @@ class Workspace:
             "loss_sum_hex": float(c.loss_sum).hex(),  # exact, and survives nan/inf
             "arrays": len(c.arrays),
         }
-        return self._publish_dir(self.result_dir(round, c.worker), arrays, full)
+        return self._publish_dir(directory, arrays, full)
 
     def read_result(self, round: int, worker: int) -> tuple[Contribution, dict[str, Any]]:
         """A published contribution (arrays memory-mapped) and its meta."""
-        directory = self.result_dir(round, worker)
+        return self._read_contribution(self.result_dir(round, worker), worker, "worker")
+
+    def _read_contribution(
+        self, directory: Path, worker: int, what: str
+    ) -> tuple[Contribution, dict[str, Any]]:
         meta = self._meta(directory)
         if meta is None:
-            raise FileNotFoundError(errno.ENOENT, "no result for this worker", str(directory))
+            raise FileNotFoundError(errno.ENOENT, f"no result for this {what}", str(directory))
         arrays = self._read_arrays(directory, "array", int(meta["arrays"]))
         c = Contribution(worker, int(meta["samples"]), arrays, float.fromhex(meta["loss_sum_hex"]))
         return c, meta
+
+    # ---- shard partials (sharded aggregation) ----------------------------------------------
+    def has_partial(self, round: int, shard: int) -> bool:
+        """Shard `shard`'s partial of round `round` is published."""
+        return (self.partial_dir(round, shard) / "meta.json").exists()
+
+    def publish_partial(self, round: int, c: Contribution, meta: Mapping[str, Any]) -> bool:
+        """Publish a shard's partial (worker id = shard id) once; False if it already existed."""
+        return self._publish_contribution(self.partial_dir(round, c.worker), c, meta)
+
+    def read_partial(self, round: int, shard: int) -> tuple[Contribution, dict[str, Any]]:
+        """A published partial (a Contribution whose worker id is the shard) and its meta."""
+        return self._read_contribution(self.partial_dir(round, shard), shard, "shard")
 
     # ---- arrivals, claims, attempts ----------------------------------------------------
     def arrivals(self, round: int) -> ArrivalSet:
         """The set of workers that arrived in round `round`."""
         return ArrivalSet(self.root / "arrivals" / f"round-{round}")
+
+    def shard_arrivals(self, round: int, shard: int) -> ArrivalSet:
+        """The set of shard `shard`'s workers that arrived in round `round`."""
+        return ArrivalSet(self.root / "arrivals" / f"round-{round}" / f"shard-{shard}")
+
+    def partial_arrivals(self, round: int) -> ArrivalSet:
+        """The set of shards whose partial of round `round` is published and recorded."""
+        return ArrivalSet(self.root / "arrivals" / f"round-{round}" / "partials")
+
+    def arrived_workers(self, round: int, cfg: TrainingConfig) -> set[int]:
+        """The workers of round `round` recorded in the arrival set(s) the config uses."""
+        if not cfg.sharded:
+            return {int(m) for m in self.arrivals(round).members()}
+        out: set[int] = set()
+        for shard in range(cfg.shard_count):
+            out.update(int(m) for m in self.shard_arrivals(round, shard).members())
+        return out
 
     def claim(self, name: str, owner: str) -> bool:
         """Exactly one caller per name gets True."""

@@ -4,6 +4,15 @@ Idempotent: if weights r+1 exist it only makes sure the next fan-out (or the fin
 It aggregates sample-weighted, applies the update, publishes the next weights immutably (keeping
 the ``history`` newest rounds), evaluates on held-out data, records progress and decides whether
 to go on (epochs, max rounds, target loss or accuracy).
+
+Sharded aggregation adds a stage before it, the aggregate role (:func:`run_aggregate`, event
+``{"aggregate": true, "shard": s, "workers": N, "epochsdone": e, "round": r}``): aggregator ``s``
+reads only its shard's worker results, publishes their partial sum first-wins under
+``results/round-<r>/shard-<s>`` (:func:`simulator.aggregate.partial_sums`: a Contribution whose
+worker id is ``s``), then adds ``s`` to the round's set of partials; whoever completes that set
+(or finds it complete and the combine unclaimed) claims ``combine-<r>`` and invokes the combine,
+which then reads the S partials instead of the N results. Each step is idempotent exactly like
+the worker's: a duplicate finds the partial published and only re-records the arrival.
 """
 
 from __future__ import annotations
@@ -13,13 +22,25 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from simulator.aggregate import combine_gradient_averaging, combine_model_averaging
+from simulator.aggregate import (
+    combine_gradient_averaging,
+    combine_model_averaging,
+    partial_sums,
+)
 from simulator.algorithms import Contribution
-from simulator.invoke import Context, Invoker, fan_out, inject_fault, resolve_round
+from simulator.invoke import (
+    Context,
+    Invoker,
+    combine_event,
+    fan_out,
+    inject_fault,
+    resolve_round,
+    target_function,
+)
 from simulator.models import Array
 from simulator.progress import ProgressTable
-from simulator.run_state import RunState, load_run, progress_for
-from simulator.training_config import EventError
+from simulator.run_state import RunState, load_plan, load_run, progress_for
+from simulator.training_config import EventError, TrainingConfig
 from simulator.workspace import Workspace, finite_or_none
 
 
@@ -48,10 +69,16 @@ def run_combine(
             return {**out, "status": "stale"}  # weights r+1 already pruned: long done
         if not ws.has_weights(r):
             raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
-        members = ws.arrivals(r).members()
-        missing = [i for i in range(cfg.workers) if str(i) not in members]
-        if missing:
-            return {**out, "status": "waiting", "missing": missing}
+        if cfg.sharded:
+            members = ws.partial_arrivals(r).members()
+            missing = [k for k in range(cfg.shard_count) if str(k) not in members]
+            if missing:
+                return {**out, "status": "waiting", "missing_shards": missing}
+        else:
+            members = ws.arrivals(r).members()
+            missing = [i for i in range(cfg.workers) if str(i) not in members]
+            if missing:
+                return {**out, "status": "waiting", "missing": missing}
         inject_fault(ws, cfg, "combine", "start", r, None)
         record = _combine_round(ws, state, r)
         status = "combined"
@@ -101,11 +128,25 @@ def _combine_round(ws: Workspace, state: RunState, r: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     weights, velocity = ws.read_weights(r)
     contribs: list[Contribution] = []
-    worker_ms: list[float] = []
-    for i in range(cfg.workers):
-        c, meta = ws.read_result(r, i)
-        contribs.append(c)
-        worker_ms.append(float(meta.get("compute_ms", 0.0)))
+    if cfg.sharded:
+        # Only the S partials: the shard aggregators already read the N results.
+        metas = []
+        for k in range(cfg.shard_count):
+            c, meta = ws.read_partial(r, k)
+            contribs.append(c)
+            metas.append(meta)
+        worker_ms_max = max(float(m["worker_ms_max"]) for m in metas)
+        worker_ms_mean = sum(float(m["worker_ms_sum"]) for m in metas) / cfg.workers
+        zero_sample_workers = sum(int(m["zero_sample_workers"]) for m in metas)
+    else:
+        worker_ms: list[float] = []
+        for i in range(cfg.workers):
+            c, meta = ws.read_result(r, i)
+            contribs.append(c)
+            worker_ms.append(float(meta.get("compute_ms", 0.0)))
+        worker_ms_max = max(worker_ms)
+        worker_ms_mean = sum(worker_ms) / len(worker_ms)
+        zero_sample_workers = sum(1 for c in contribs if c.samples == 0)
     samples = sum(c.samples for c in contribs)
     if samples == 0:
         return {
@@ -126,14 +167,14 @@ def _combine_round(ws: Workspace, state: RunState, r: int) -> dict[str, Any]:
         "epoch": sched.epoch(r),
         "epochs_done": sched.epochs_done_after(r),
         "samples": samples,
-        "partial_workers": sum(1 for c in contribs if c.samples == 0) or None,
+        "partial_workers": zero_sample_workers or None,
         "train_loss": finite_or_none(train_loss),
         "loss": finite_or_none(loss),
         "accuracy": accuracy,
         "decision": decision,
         "reason": reason,
-        "worker_ms_max": max(worker_ms),
-        "worker_ms_mean": sum(worker_ms) / len(worker_ms),
+        "worker_ms_max": worker_ms_max,
+        "worker_ms_mean": worker_ms_mean,
         "combine_ms": (time.perf_counter() - t0) * 1000.0,
         "combined_at": time.time(),
     }
@@ -141,6 +182,81 @@ def _combine_round(ws: Workspace, state: RunState, r: int) -> dict[str, Any]:
     winner = ws.weights_meta(r + 1)
     assert winner is not None
     return winner
+
+
+def run_aggregate(
+    ws: Workspace,
+    *,
+    shard: int,
+    workers: int,
+    epochsdone: int,
+    round: int | None,
+    ctx: Context,
+    invoker: Invoker,
+) -> dict[str, Any]:
+    """Sum shard `shard`'s results of a round into its partial once, record it, maybe combine."""
+    plan = load_plan(ws)  # config and schedule only: an aggregator never needs the model
+    cfg, sched = plan.config, plan.schedule
+    if not cfg.sharded:
+        raise EventError(
+            "aggregate", f"run {ws.run!r} uses aggregation {cfg.aggregation!r}, not 'sharded'"
+        )
+    if not 0 <= shard < cfg.shard_count:
+        raise EventError("shard", f"must be in 0..{cfg.shard_count - 1}, got {shard}")
+    r = resolve_round(sched, workers, round, epochsdone, cfg)
+    out: dict[str, Any] = {"role": "aggregate", "run": ws.run, "round": r, "shard": shard}
+    failure = ws.failure()
+    if failure is not None:
+        return {**out, "status": "failed", "reason": failure}
+    if ws.round_done(r):
+        return {**out, "status": "stale"}  # round already combined: a late duplicate
+    if not ws.has_weights(r):
+        raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
+    status = "duplicate"
+    if not ws.has_partial(r, shard):
+        members = ws.shard_arrivals(r, shard).members()
+        missing = [i for i in cfg.shard_workers(shard) if str(i) not in members]
+        if missing:
+            return {**out, "status": "waiting", "missing": missing}
+        inject_fault(ws, cfg, "aggregate", "start", r, shard)
+        _aggregate_shard(ws, cfg, r, shard)
+        status = "aggregated"
+    inject_fault(ws, cfg, "aggregate", "after_publish", r, shard)
+    added, size = ws.partial_arrivals(r).add(str(shard))
+    inject_fault(ws, cfg, "aggregate", "after_arrival", r, shard)
+    combine_sent = False
+    # Also tried by a duplicate that finds the set complete but unclaimed (see run_worker).
+    if size >= cfg.shard_count and ws.claim(f"combine-{r}", f"aggregate-{shard}"):
+        invoker.invoke_async(target_function(cfg), combine_event(ws, sched, r))
+        combine_sent = True
+    return {
+        **out,
+        "status": status,
+        "arrived": added,
+        "arrivals": size,
+        "combine_invoked": combine_sent,
+    }
+
+
+def _aggregate_shard(ws: Workspace, cfg: TrainingConfig, r: int, shard: int) -> None:
+    t0 = time.perf_counter()
+    contribs: list[Contribution] = []
+    worker_ms: list[float] = []
+    for i in cfg.shard_workers(shard):
+        c, meta = ws.read_result(r, i)
+        contribs.append(c)
+        worker_ms.append(float(meta.get("compute_ms", 0.0)))
+    (partial,) = partial_sums(contribs, cfg.shard_count, cfg.algorithm)
+    meta = {
+        "round": r,
+        "shard": shard,
+        "workers": len(contribs),
+        "zero_sample_workers": sum(1 for c in contribs if c.samples == 0),
+        "worker_ms_max": max(worker_ms),
+        "worker_ms_sum": sum(worker_ms),
+        "aggregate_ms": (time.perf_counter() - t0) * 1000.0,
+    }
+    ws.publish_partial(r, partial, meta)  # first wins; a duplicate's bytes would be identical
 
 
 def _decide(
@@ -237,4 +353,4 @@ def fail_run(ws: Workspace, table: ProgressTable, r: int, reason: str) -> str:
     return reason
 
 
-__all__ = ["evaluate", "fail_run", "run_combine"]
+__all__ = ["evaluate", "fail_run", "run_aggregate", "run_combine"]

@@ -1,5 +1,9 @@
 """The worker role: compute a share of the round once, record the arrival, maybe trigger combine.
 
+With sharded aggregation the arrival goes to the worker's shard's set, and the caller that
+completes it triggers that shard's aggregator (:func:`simulator.roles.combine.run_aggregate`)
+instead of the combine.
+
 A worker reads the round's weights (memory-mapped), takes its deterministic share of the data,
 runs its mini-batch steps and publishes the result under a name fixed by (round, worker), so a
 duplicate finds it and rewrites nothing. Before its deadline it stops early and publishes what it
@@ -12,11 +16,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from simulator.aggregate import shard_of
 from simulator.algorithms import Contribution, gradient_contribution, local_sgd_contribution
 from simulator.data import batches
 from simulator.invoke import (
     Context,
     Invoker,
+    aggregate_event,
     combine_event,
     inject_fault,
     resolve_round,
@@ -86,15 +92,25 @@ def run_worker(
         ws.publish_result(r, c, info)
         computed = info
     inject_fault(ws, cfg, "worker", "after_publish", r, worker)
-    added, size = ws.arrivals(r).add(str(worker))
-    inject_fault(ws, cfg, "worker", "after_arrival", r, worker)
-    combine_sent = False
-    # Also tried by a duplicate that finds the set complete but unclaimed: the completing
-    # caller may have died between its add and its claim.
-    if size >= cfg.workers and ws.claim(f"combine-{r}", f"worker-{worker}"):
-        invoker.invoke_async(target_function(cfg), combine_event(ws, sched, r))
-        combine_sent = True
-    return {
+    combine_sent = aggregate_sent = False
+    if cfg.sharded:
+        # The worker joins its shard's set; whoever completes it triggers that shard's aggregator.
+        shard = shard_of(worker, cfg.shard_count)
+        added, size = ws.shard_arrivals(r, shard).add(str(worker))
+        inject_fault(ws, cfg, "worker", "after_arrival", r, worker)
+        need = len(cfg.shard_workers(shard))
+        if size >= need and ws.claim(f"aggregate-{r}-{shard}", f"worker-{worker}"):
+            invoker.invoke_async(target_function(cfg), aggregate_event(ws, sched, r, shard))
+            aggregate_sent = True
+    else:
+        added, size = ws.arrivals(r).add(str(worker))
+        inject_fault(ws, cfg, "worker", "after_arrival", r, worker)
+        # Also tried by a duplicate that finds the set complete but unclaimed: the completing
+        # caller may have died between its add and its claim.
+        if size >= cfg.workers and ws.claim(f"combine-{r}", f"worker-{worker}"):
+            invoker.invoke_async(target_function(cfg), combine_event(ws, sched, r))
+            combine_sent = True
+    result = {
         **out,
         "status": "computed" if computed else "duplicate",
         "samples": None if computed is None else computed["samples_done"],
@@ -103,6 +119,9 @@ def run_worker(
         "arrivals": size,
         "combine_invoked": combine_sent,
     }
+    if cfg.sharded:
+        result["aggregate_invoked"] = aggregate_sent
+    return result
 
 
 def _compute(
