@@ -153,6 +153,7 @@ def training_config(settings: RunSettings) -> dict[str, Any]:
     }
     if s.aggregation != "single":
         cfg["aggregation"] = s.aggregation
+        cfg["shards"] = s.shards  # None: the protocol's default, ceil(sqrt(workers))
     try:
         TrainingConfig.from_mapping(cfg, workers=s.workers)
     except EventError as exc:
