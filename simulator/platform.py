@@ -166,6 +166,7 @@ class RunShape:
     test_bytes: int
     dataset_bytes: int
     stored_bytes: int
+    shards: int = 0  # shard aggregators per round (0: the single combiner reads every result)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -194,15 +195,26 @@ def estimate_io(
             # arrays, meta.json, rename; arrival: lock, index write, rename; attempt marker; claim
             k + 2 + 3 + 1 + int(fanout_claim) + _ops(w),
         )
+    if role == "aggregate":  # reads its shard's results, publishes one partial
+        inputs = -(-shape.workers // max(1, shape.shards))
+        read = inputs * (w + meta)
+        return Io(
+            read,
+            inputs * (k + 1) + opened + _ops(read),
+            w + 2 * meta,
+            k + 2 + 3 + 1 + int(fanout_claim) + _ops(w),
+        )
     if role == "combine":
         test = shape.test_bytes if cold else 0  # a warm process keeps the held-out set
-        read = shape.workers * (w + meta) + state * w + meta + test
+        # the single combiner reads every worker's result; a sharded one only the partials
+        inputs = shape.shards or shape.workers
+        read = inputs * (w + meta) + state * w + meta + test
         # pruning deletes the results of an older round: one unlink per file
         prune = shape.workers * (k + 1) + state * k + 2
         write = state * w + 5 * meta
         return Io(
             read,
-            shape.workers * (k + 1) + state * k + 3 + opened + _ops(read),
+            inputs * (k + 1) + state * k + 3 + opened + _ops(read),
             write,
             state * k + 2 + 6 + 1 + prune + _ops(write),
         )

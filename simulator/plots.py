@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-ROLE_COLOURS = {"start": "#7f7f7f", "worker": "#1f77b4", "combine": "#ff7f0e", "unknown": "#bcbd22"}
+ROLE_COLOURS = {
+    "start": "#7f7f7f",
+    "worker": "#1f77b4",
+    "aggregate": "#2ca02c",
+    "combine": "#ff7f0e",
+    "unknown": "#bcbd22",
+}
 STATUS_MARKERS = {
     "timeout": ("X", "#d62728", "timeout"),
     "oom": ("v", "#9467bd", "out of memory"),

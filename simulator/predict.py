@@ -270,9 +270,8 @@ class _Chain:
 
 
 def _compute_phase(role: str) -> str:
-    return {"start": "start compute", "worker": "worker compute", "combine": "combine compute"}.get(
-        role, "worker compute"
-    )
+    phase = {"start": "start compute", "worker": "worker compute", "aggregate": "combine compute"}
+    return {**phase, "combine": "combine compute"}.get(role, "worker compute")
 
 
 class _Layout:
@@ -293,7 +292,7 @@ class _Layout:
         groups: dict[tuple[str, int | None, int | None], list[Invocation]] = defaultdict(list)
         self.unplaced = 0
         for inv in invocations:
-            if inv.role not in ("start", "worker", "combine") or (
+            if inv.role not in ("start", "worker", "aggregate", "combine") or (
                 inv.role != "start" and inv.round is None
             ):
                 self.unplaced += 1
@@ -305,6 +304,13 @@ class _Layout:
         }
         self.rounds = sorted({k[1] for k in self.chains if k[0] != "start" and k[1] is not None})
         self.arrived_workers: dict[int, list[_Chain]] = defaultdict(list)
+        # Sharded aggregation: worker w of a round feeds shard w % shards; a shard's aggregator
+        # starts when its workers arrived, the combine when every shard's partial arrived.
+        self.shards = 1 + max(
+            (k[2] for k in self.chains if k[0] == "aggregate" and k[2] is not None), default=-1
+        )
+        self.arrived_by_shard: dict[tuple[int, int], int] = defaultdict(int)
+        self.arrived_partials: dict[int, int] = defaultdict(int)
         self.last: _Chain | None = None
 
     # ---- one invocation ----------------------------------------------------------------
@@ -420,7 +426,21 @@ class _Layout:
             assert r is not None
             arrived = self.arrived_workers[r]
             arrived.append(chain)
-            if len(arrived) >= self.workers:
+            if self.shards:
+                shard = (chain.key[2] or 0) % self.shards
+                self.arrived_by_shard[(r, shard)] += 1
+                members = len(range(shard, self.workers, self.shards))
+                aggregate = self.chains.get(("aggregate", r, shard))
+                if self.arrived_by_shard[(r, shard)] >= members and aggregate is not None:
+                    self._trigger(aggregate, t, chain, self.p.async_dispatch_ms)
+            elif len(arrived) >= self.workers:
+                combine = self.chains.get(("combine", r, None))
+                if combine is not None:
+                    self._trigger(combine, t, chain, self.p.async_dispatch_ms)
+        elif role == "aggregate":
+            assert r is not None
+            self.arrived_partials[r] += 1
+            if self.arrived_partials[r] >= self.shards:
                 combine = self.chains.get(("combine", r, None))
                 if combine is not None:
                     self._trigger(combine, t, chain, self.p.async_dispatch_ms)

@@ -154,7 +154,8 @@ def attribute(records: Sequence[InvocationRecord], facts: LogFacts) -> list[Attr
         rnd = role_line.get("round")
         if rnd is None and facts.done.get(r.request_id):
             rnd = facts.done[r.request_id].get("round")
-        worker = role_line.get("worker")
+        # A shard aggregator is keyed by its shard where a worker is keyed by its number.
+        worker = role_line.get("shard" if role == "aggregate" else "worker")
         out.append(
             Attributed(
                 r,
@@ -178,14 +179,16 @@ def to_invocations(items: Sequence[Attributed], shape: RunShape, t0: float) -> l
             a.role == "combine" and done.get("next_round_invoked")
         ):
             fanout = shape.workers
-        elif a.role == "worker" and done.get("combine_invoked"):
+        elif a.role in ("worker", "aggregate") and (
+            done.get("combine_invoked") or done.get("aggregate_invoked")
+        ):
             fanout = 1
         io = estimate_io(
             a.role,
             shape,
             cold=r.cold,
             samples=samples,
-            fanout_claim=a.role == "worker" and fanout > 0,
+            fanout_claim=a.role in ("worker", "aggregate") and fanout > 0,
         )
         out.append(
             Invocation(

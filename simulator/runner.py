@@ -140,6 +140,14 @@ class RunResult:
         return self.status == "finished"
 
 
+def _shards_of(ws: Workspace) -> int:
+    """Shard aggregators per round of the run on EFS (0: the single combiner)."""
+    cfg = ws.config_or_none()
+    if cfg is None or cfg.aggregation != "sharded" or cfg.shards is None:
+        return 0
+    return int(cfg.shards)
+
+
 class _ServiceInvoker:
     """The protocol's Invoker for the runner's own watchdog calls: async invokes in-process."""
 
@@ -466,6 +474,7 @@ class Runner:
             test_bytes=test,
             dataset_bytes=dataset,
             stored_bytes=_tree_bytes(ws.root),
+            shards=_shards_of(ws),
         )
         return {
             "start_invoked_at": start_at,

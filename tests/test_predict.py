@@ -328,3 +328,21 @@ def test_prediction_matches_a_run_that_had_the_hardware(tmp_path: Path) -> None:
         if abs(errors[-1]) <= 0.15:
             break
     assert abs(errors[-1]) <= 0.15, errors
+
+
+def test_sharded_rounds_place_the_aggregators_between_workers_and_combine():
+    # 4 workers, 2 shards: shard 0 = workers 0 and 2, shard 1 = workers 1 and 3.
+    invs = [inv("start", ms=100)]
+    invs += [inv("worker", 0, w, ms=100 + 100 * w, start=0.2) for w in range(4)]
+    invs += [inv("aggregate", 0, s, ms=50, start=0.7) for s in range(2)]
+    invs += [inv("combine", 0, ms=100, start=0.8)]
+    result = predict(invs, platform(), workers=4, stall_after_s=60.0)
+    assert result.unplaced == 0 and result.finished
+    placed = result.placed
+    agg0, agg1 = placed["aggregate-0-0#1"], placed["aggregate-0-1#1"]
+    # each aggregator starts after its own shard's last worker, the combine after both partials
+    assert agg0.start_s >= placed["worker-0-2#1"].end_s
+    assert agg1.start_s >= placed["worker-0-3#1"].end_s
+    assert agg0.start_s < agg1.start_s
+    assert placed["combine-0-None#1"].start_s >= max(agg0.end_s, agg1.end_s)
+    assert result.total_s >= placed["combine-0-None#1"].end_s
