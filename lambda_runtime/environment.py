@@ -350,47 +350,21 @@ class ExecutionEnvironment(abc.ABC):
             self.runtime_ready = False
             exitcode = self._exitcode(wait_s=1.0) if failure == "crash" else None
             self._kill()
+            # The caller sees Runtime.ExitError for every way the runtime can die; the REPORT
+            # line says Runtime.OutOfMemory for a kill by the memory limit, as Lambda's does.
             if failure == "oom":
-                body = {
-                    "errorType": "Runtime.ExitError",
-                    "errorMessage": f"RequestId: {req.request_id} Error: Runtime exited with "
-                    "error: signal: killed",
-                }
-                return self._finish(
-                    req,
-                    start_wall,
-                    cold,
-                    init_ms,
-                    duration_ms,
-                    json.dumps(body).encode(),
-                    "oom",
-                    "Runtime.OutOfMemory",
-                    log_start,
-                    report_error=True,
+                status, report_type, reason = "oom", "Runtime.OutOfMemory", _exit_reason(-9)
+            elif failure == "tmp":
+                status, report_type = "crash", "Runtime.ExitError"
+                reason = (
+                    f"/tmp use exceeded the configured ephemeral storage of {fn.ephemeral_mb} MB "
+                    "(watched directory; Lambda would have failed the write with ENOSPC)"
                 )
-            if failure == "tmp":
-                cap = fn.ephemeral_mb
-                body = {
-                    "errorType": "Runtime.ExitError",
-                    "errorMessage": f"RequestId: {req.request_id} Error: /tmp use exceeded the "
-                    f"configured ephemeral storage of {cap} MB (watched directory; Lambda "
-                    "would have failed the write with ENOSPC)",
-                }
-                return self._finish(
-                    req,
-                    start_wall,
-                    cold,
-                    init_ms,
-                    duration_ms,
-                    json.dumps(body).encode(),
-                    "crash",
-                    "Runtime.ExitError",
-                    log_start,
-                    report_error=True,
-                )
+            else:
+                status, report_type, reason = "crash", "Runtime.ExitError", _exit_reason(exitcode)
             body = {
                 "errorType": "Runtime.ExitError",
-                "errorMessage": f"RequestId: {req.request_id} Error: {_exit_reason(exitcode)}",
+                "errorMessage": f"RequestId: {req.request_id} Error: {reason}",
             }
             return self._finish(
                 req,
@@ -399,8 +373,8 @@ class ExecutionEnvironment(abc.ABC):
                 init_ms,
                 duration_ms,
                 json.dumps(body).encode(),
-                "crash",
-                "Runtime.ExitError",
+                status,
+                report_type,
                 log_start,
                 report_error=True,
             )
