@@ -221,10 +221,12 @@ class LambdaService:
                     else f"{self.function_arn(cfg.name)}:{qualifier}",
                 )
             )
+            # Recorded before the environment goes back: close() waits for busy environments
+            # only, and then closes the ledger and the log streams.
+            self.ledger.append(outcome.record)
+            tail = env.log.tail_base64(outcome.log_start) if log_type == "Tail" else None
         finally:
             self.pool.release(cfg.name, env)
-        self.ledger.append(outcome.record)
-        tail = env.log.tail_base64(outcome.log_start) if log_type == "Tail" else None
         return InvokeResult(
             200,
             outcome.payload,
@@ -265,9 +267,9 @@ class LambdaService:
                     cfg.arn(self.settings.region, self.settings.account_id),
                 )
             )
+            self.ledger.append(outcome.record)  # before release: see invoke_raw
         finally:
             self.pool.release(event.function, env)
-        self.ledger.append(outcome.record)
         return outcome.status, outcome.function_error, outcome.payload
 
     def _async_policy(self, name: str) -> tuple[int, int, Path, str]:
