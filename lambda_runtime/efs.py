@@ -138,14 +138,21 @@ def publish_json(path: Path, obj: Any) -> None:
     publish_bytes(path, data)
 
 
+_HEADER_LOCK = threading.Lock()
+
+
 def _read_npy_from(fh: IO[bytes], path: Path, mmap: bool) -> np.ndarray:
     """Check the header against the file size, then map or read the data from `fh`."""
     try:
         version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        # NumPy parses the header with ast.literal_eval, which CPython 3.11 cannot run in two
+        # threads at once ("SystemError: AST constructor recursion depth mismatch", CPython
+        # gh-106905): one header at a time per process.
+        with _HEADER_LOCK:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
     except (ValueError, EOFError) as exc:
         raise CorruptFileError(path, f"not a .npy array file ({exc})") from exc
     if dtype.hasobject:
