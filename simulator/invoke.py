@@ -151,6 +151,20 @@ def resolve_round(
     return round
 
 
+def round_gate(ws: Workspace, r: int, out: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer of a worker or aggregator that must not compute round r, or None if it may:
+    the run failed, or the round was combined already (a late duplicate); a round without
+    weights was never started (EventError)."""
+    failure = ws.failure()
+    if failure is not None:
+        return {**out, "status": "failed", "reason": failure}
+    if ws.round_done(r):
+        return {**out, "status": "stale"}  # round already combined: a late duplicate
+    if not ws.has_weights(r):
+        raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
+    return None
+
+
 # ------------------------------------------------------------------------------------------
 # Faults (test-only)
 

@@ -35,6 +35,7 @@ from simulator.invoke import (
     fan_out,
     inject_fault,
     resolve_round,
+    round_gate,
     target_function,
 )
 from simulator.models import Array
@@ -205,13 +206,9 @@ def run_aggregate(
         raise EventError("shard", f"must be in 0..{cfg.shard_count - 1}, got {shard}")
     r = resolve_round(sched, workers, round, epochsdone, cfg)
     out: dict[str, Any] = {"role": "aggregate", "run": ws.run, "round": r, "shard": shard}
-    failure = ws.failure()
-    if failure is not None:
-        return {**out, "status": "failed", "reason": failure}
-    if ws.round_done(r):
-        return {**out, "status": "stale"}  # round already combined: a late duplicate
-    if not ws.has_weights(r):
-        raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
+    gated = round_gate(ws, r, out)
+    if gated is not None:
+        return gated
     status = "duplicate"
     if not ws.has_partial(r, shard):
         members = ws.shard_arrivals(r, shard).members()

@@ -26,6 +26,7 @@ from simulator.invoke import (
     combine_event,
     inject_fault,
     resolve_round,
+    round_gate,
     target_function,
 )
 from simulator.models import Array
@@ -76,13 +77,9 @@ def run_worker(
         raise EventError("workerno", f"must be in 0..{cfg.workers - 1}, got {worker}")
     r = resolve_round(sched, workers, round, epochsdone, cfg)
     out: dict[str, Any] = {"role": "worker", "run": ws.run, "round": r, "worker": worker}
-    failure = ws.failure()
-    if failure is not None:
-        return {**out, "status": "failed", "reason": failure}
-    if ws.round_done(r):
-        return {**out, "status": "stale"}  # round already combined: a late duplicate
-    if not ws.has_weights(r):
-        raise EventError("round", f"round {r} of run {ws.run!r} has not started (no weights)")
+    gated = round_gate(ws, r, out)
+    if gated is not None:
+        return gated
     computed = None
     ws.record_attempt(r, worker, ctx.aws_request_id)
     if not ws.has_result(r, worker):
